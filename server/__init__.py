@@ -1,0 +1,1 @@
+"""Serving: resident base engine, delta cache, scheduler, HTTP API and CLI."""

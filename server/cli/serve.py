@@ -1,0 +1,1 @@
+"""darex CLI: serve commands."""

@@ -1,0 +1,1 @@
+"""darex CLI: train commands."""

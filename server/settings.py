@@ -1,0 +1,76 @@
+"""The one configuration object. Every field reads ``DAREX_<NAME>`` from the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_ADMIN_TOKEN = "change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DAREX_", env_file=".env", extra="ignore")
+
+    env: Literal["production", "development"] = Field(
+        "production", description="'development' allows the default admin token."
+    )
+    data_dir: Path = Field(
+        Path.home() / ".darex", description="Blob store, SQLite registry and converted bases."
+    )
+    base: str = Field(
+        "minilm-l6", description="Resident base: a catalog name or a local HF folder."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Resident weights dtype; auto = float16 on cuda, float32 on cpu."
+    )
+    registry_url: str = Field(
+        "", description="sqlite:///path or redis://host:port/db; empty = SQLite in data_dir."
+    )
+    registry_ttl_s: float = Field(
+        2.0, description="How long a replica trusts its cached registry lookups."
+    )
+    device_cache_bytes: int = Field(
+        1 << 30, description="Budget for decoded deltas kept on the device."
+    )
+    host_cache_bytes: int = Field(4 << 30, description="Budget for decoded deltas in host memory.")
+    admin_token: SecretStr = Field(
+        SecretStr(DEFAULT_ADMIN_TOKEN), description="Bearer token for /admin."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Optional bearer token for inference endpoints."
+    )
+    max_upload_bytes: int = Field(2 << 30, description="Largest accepted upload.")
+    max_tensors: int = Field(10_000, description="Most tensors accepted in one checkpoint.")
+    max_batch_size: int = Field(8, description="Requests of one model run together.")
+    max_batches_per_turn: int = Field(
+        4, description="Batches of the active model before a waiting model gets the engine."
+    )
+    max_new_tokens: int = Field(512, description="Upper bound on max_tokens per request.")
+    default_rate: float = Field(0.99, description="Pruning rate used when an upload names none.")
+    host: str = Field("127.0.0.1", description="Bind address of `darex serve`.")
+    port: int = Field(8000, description="Port of `darex serve`.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    log_json: bool = Field(True, description="One JSON object per log line.")
+
+    @model_validator(mode="after")
+    def _refuse_default_token(self) -> Settings:
+        if self.env == "production" and self.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
+            raise ValueError(
+                "DAREX_ADMIN_TOKEN is the default; set a secret token, "
+                "or DAREX_ENV=development for local use"
+            )
+        return self
+
+    @property
+    def registry(self) -> str:
+        return self.registry_url or f"sqlite:///{self.data_dir / 'registry.sqlite3'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Delta store: codec, content-addressed blobs, manifests, registry, ingest, base catalog."""

@@ -1,0 +1,50 @@
+"""Exceptions raised by storage/. The HTTP layer maps them to status codes."""
+
+
+class StorageError(Exception):
+    """Base class for store and registry failures."""
+
+
+class UnknownModel(StorageError, KeyError):
+    """No model is registered under this model_id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+class UnknownBase(StorageError, KeyError):
+    """The base model name is neither in the catalog nor a local folder."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown base"
+
+
+class UnknownTask(StorageError, KeyError):
+    """No task loader has this name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown task"
+
+
+class InvalidModelId(StorageError, ValueError):
+    """A model_id with path separators, '..', odd characters or too long."""
+
+
+class BadCheckpoint(StorageError, ValueError):
+    """A checkpoint that cannot be read or is refused (pickle, truncated header, ...)."""
+
+
+class BaseMismatch(BadCheckpoint):
+    """A checkpoint whose tensors do not match the base (names, shapes, dtypes)."""
+
+
+class CorruptBlob(StorageError):
+    """A blob whose bytes no longer hash to its key."""
+
+
+class UnsupportedFormat(StorageError, ValueError):
+    """A blob or manifest written by an unknown format version."""
+
+
+class RegistryUnavailable(StorageError):
+    """The registry backend (SQLite file or Redis) cannot be reached."""
