@@ -3,6 +3,7 @@
 Pure functions on tensors: this package imports only torch.
 """
 
+from pruning.methods import Method, prune_tensor
 from pruning.sparse import SparseDelta, keep_mask, kept_indices
 
-__all__ = ["SparseDelta", "keep_mask", "kept_indices"]
+__all__ = ["Method", "SparseDelta", "keep_mask", "kept_indices", "prune_tensor"]

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "change-me"
@@ -57,14 +57,17 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level.")
     log_json: bool = Field(True, description="One JSON object per log line.")
 
-    @model_validator(mode="after")
-    def _refuse_default_token(self) -> Settings:
+    def check_serving(self) -> None:
+        """Refuse to serve with the default admin token outside development.
+
+        Checked when a server starts, not on every CLI command: `darex ls` needs
+        no token.
+        """
         if self.env == "production" and self.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
             raise ValueError(
                 "DAREX_ADMIN_TOKEN is the default; set a secret token, "
                 "or DAREX_ENV=development for local use"
             )
-        return self
 
     @property
     def registry(self) -> str:

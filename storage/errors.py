@@ -48,3 +48,14 @@ class UnsupportedFormat(StorageError, ValueError):
 
 class RegistryUnavailable(StorageError):
     """The registry backend (SQLite file or Redis) cannot be reached."""
+
+
+class UnknownJob(StorageError, KeyError):
+    """No ingest job has this id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown job"
+
+
+class ModelExists(StorageError, ValueError):
+    """A model is already registered under this model_id (and replacing was not asked for)."""

@@ -1,1 +1,341 @@
-"""darex CLI: prune commands."""
+"""darex CLI: ``darex inspect BASE FINETUNED`` and ``darex prune BASE FINETUNED ... --out DIR``.
+
+``prune`` writes a merged, pruned HF checkpoint: for every pruned tensor
+``W = W_base + sparse(d)``, so it differs from the base only at kept entries;
+tensors kept exact carry the fine-tuned values; tensors the base lacks (a new
+head) are copied. Tensors are read one at a time (memory-mapped safetensors)
+and written one at a time to a single ``model.safetensors``: peak extra memory is
+a few copies of the largest tensor. Pickle checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from server.cli import app
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+console = Console()
+DEFAULT_DATA_DIR = Settings.model_fields["data_dir"].default
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_ST_DTYPE = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor: the header is laid out up front."""
+
+    def __init__(self, path: Path, metas: list[tuple[str, torch.dtype, tuple[int, ...]]], meta):
+        self.path, self.tmp = path, path.with_suffix(".tmp")
+        header: dict[str, Any] = {"__metadata__": meta}
+        off = 0
+        for name, dtype, shape in metas:
+            n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {
+                "dtype": _ST_DTYPE[dtype],
+                "shape": list(shape),
+                "data_offsets": [off, off + n],
+            }
+            off += n
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        self.order = [(n, d, s) for n, d, s in metas]
+        self.f = open(self.tmp, "wb")  # noqa: SIM115  (closed in close())
+        self.f.write(struct.pack("<Q", len(hb)) + hb)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want = self.order.pop(0)
+        assert (name, t.dtype, tuple(t.shape)) == want, (
+            f"{name} {t.dtype} {tuple(t.shape)} vs {want}"
+        )
+        self.f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        assert not self.order, f"{len(self.order)} tensors not written"
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+
+def _resolve(base: str, data_dir: Path) -> tuple[Path, str]:
+    """(local folder, arch) of a catalog name or folder."""
+    try:
+        from storage.bases import resolve_base
+    except ImportError:
+        folder = Path(base)
+        cfg = json.loads((folder / "config.json").read_text())
+        causal = any(
+            a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or []
+        )
+        return folder, "decoder" if causal else "encoder"
+    info = resolve_base(base, data_dir)
+    return Path(info.path), info.arch
+
+
+def _open_pair(base: str, finetuned: Path, data_dir: Path):
+    from storage.checkpoint import open_checkpoint, plan_against_base
+
+    base_dir, arch = _resolve(base, data_dir)
+    b, f = open_checkpoint(base_dir), open_checkpoint(finetuned)
+    return base_dir, arch, b, f, plan_against_base(f, b)
+
+
+def _fail(e: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+    return typer.Exit(1)
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    from pruning.errors import PruningError
+    from storage.errors import StorageError
+
+    return (PruningError, StorageError, OSError, json.JSONDecodeError)
+
+
+@app.command()
+def inspect(
+    base: Annotated[str, typer.Argument(help="Catalog name (minilm-l6, ...) or HF folder.")],
+    finetuned: Annotated[Path, typer.Argument(help="Fine-tuned HF folder or .safetensors.")],
+    rate: Annotated[float, typer.Option(help="Target pruning rate p.")] = 0.99,
+    limit: Annotated[int, typer.Option(help="Rows of the per-tensor table (0 = all).")] = 30,
+    data_dir: Annotated[Path, typer.Option(envvar="DAREX_DATA_DIR")] = DEFAULT_DATA_DIR,
+) -> None:
+    """Print delta statistics per tensor and the recommended pruning method."""
+    from pruning.delta import compute_delta
+    from pruning.recommend import delta_stats, merge_stats, recommend
+    from pruning.select import default_patterns
+
+    try:
+        _, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
+        sel = default_patterns(arch)
+        table = Table(title=f"delta {finetuned} - {base} ({arch}, names: {plan.prefix})")
+        for col in ("tensor", "shape", "pruned", "mean|d|", "std|d|", "rms", "rms/rms(W)"):
+            table.add_column(
+                col, justify="left" if col == "tensor" else "right", overflow="fold", no_wrap=False
+            )
+        stats = {}
+        for bname, fname in tqdm(plan.pairs.items(), desc="inspect", unit="tensor"):
+            if not b.meta[bname].dtype.is_floating_point:
+                continue
+            w = b.get(bname)
+            s = delta_stats(compute_delta(w, f.get(fname), fname), base=w)
+            pruned = sel.matches(bname)
+            if pruned:
+                stats[bname] = s
+            if not limit or len(table.rows) < limit:
+                rel = f"{s.rms / s.base_rms:.3f}" if s.base_rms else "-"
+                table.add_row(
+                    bname,
+                    "x".join(map(str, b.meta[bname].shape)),
+                    "yes" if pruned else "exact",
+                    f"{s.mean_abs:.2e}",
+                    f"{s.std_abs:.2e}",
+                    f"{s.rms:.2e}",
+                    rel,
+                )
+        Console(width=max(console.width, 150)).print(table)  # full tensor names
+        m = merge_stats(stats.values())
+        console.print(
+            f"pruned tensors: {len(stats)}, {m.numel:,} entries; mean|d| {m.mean_abs:.3e}, "
+            f"spread {m.spread:.2f}, rms {m.rms:.3e}, noise ratio at p={rate}: "
+            f"{m.noise_ratio(rate):.2f}; extras (dense): {plan.extras or 'none'}"
+        )
+        rec = recommend(stats, has_labels=False, is_lora=False, p=rate)
+        console.print(f"recommended: [bold]{rec.method.value}[/bold] {rec.params} — {rec.reason}")
+    except _errors() as e:
+        raise _fail(e) from e
+
+
+def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    lines = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            line = str(json.loads(line).get("text", ""))
+        if line:
+            lines.append(line)
+        if len(lines) >= n:
+            break
+    if not lines:
+        raise typer.BadParameter(f"{path} holds no calibration text")
+    tok_dir = next((d for d in tok_dirs if (d / "tokenizer_config.json").is_file()), tok_dirs[-1])
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    out = []
+    for i in range(0, len(lines), 8):
+        enc = tok(
+            lines[i : i + 8], return_tensors="pt", padding=True, truncation=True, max_length=max_len
+        )
+        out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    return out
+
+
+def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
+    """Linear-layer input statistics of the fine-tuned model, keyed by its tensor names."""
+    import transformers
+
+    from pruning.calib import capture
+
+    cfg = json.loads((finetuned / "config.json").read_text())
+    cls_name = (cfg.get("architectures") or ["AutoModel"])[0]
+    cls = getattr(transformers, cls_name, transformers.AutoModel)
+    model = cls.from_pretrained(finetuned, dtype=torch.float32).eval()
+    return capture(model, tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
+
+
+def _copy_side_files(folders: list[Path], out: Path) -> None:
+    """config, tokenizer and other non-weight files; the fine-tune's win over the base's."""
+    for src in folders:
+        if not src.is_dir():
+            continue
+        for item in src.iterdir():
+            skip = item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith("index.json")
+            if item.is_file() and not skip and not (out / item.name).exists():
+                shutil.copy(item, out / item.name)
+
+
+def _layer_q(m, q_mode, d, p, st, name, seed, per, axis, eta) -> float | None:
+    """q of one tensor: the given number, or per layer from calibration inputs."""
+    from pruning.methods import Method, prune_tensor
+    from pruning.q import analytical_q, lsq_q
+
+    if not isinstance(q_mode, str):
+        return q_mode
+    random = m in (Method.darex_q, Method.structural)
+    if st is None or d.dim() != 2:  # no calibration inputs (embeddings, norms, biases)
+        return 1.0 - p if random else None
+    if q_mode == "analytical":
+        return analytical_q(d, st.xbar, p, eta, name=name)
+    cn = st.col_norm
+    mask = prune_tensor(m, d, p, name=name, seed=seed, q=1.0, col_norm=cn, per=per, axis=axis)
+    try:
+        return lsq_q(d, mask, st.x, name=name)
+    except ValueError as e:
+        log.warning("%s; keeping the default rescale", e)
+        return 1.0 - p if random else None
+
+
+@app.command()
+def prune(
+    base: Annotated[str, typer.Argument(help="Catalog name (minilm-l6, ...) or HF folder.")],
+    finetuned: Annotated[Path, typer.Argument(help="Fine-tuned HF folder (safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pruned checkpoint.")],
+    method: Annotated[
+        str, typer.Option(help="dare, darex_q, magnitude, wanda, structural.")
+    ] = "dare",
+    rate: Annotated[float, typer.Option(help="Pruning rate p in [0, 1).")] = 0.99,
+    q: Annotated[
+        str | None, typer.Option(help="FLOAT, auto (least squares) or analytical.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random mask.")] = 0,
+    calib: Annotated[Path | None, typer.Option(help="Text file (or .jsonl with 'text').")] = None,
+    per: Annotated[str, typer.Option(help="WANDA: top-k per 'row' or 'tensor'.")] = "row",
+    axis: Annotated[str, typer.Option(help="structural: drop 'row's or 'col's.")] = "row",
+    eta: Annotated[float, typer.Option(help="Knob of the analytical q.")] = 0.45,
+    include: Annotated[list[str] | None, typer.Option(help="Pattern of tensors to prune.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Pattern to keep exact.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration lines used.")] = 64,
+    data_dir: Annotated[Path, typer.Option(envvar="DAREX_DATA_DIR")] = DEFAULT_DATA_DIR,
+) -> None:
+    """Prune the delta FINETUNED - BASE and write the merged checkpoint to --out."""
+    from pruning.delta import compute_delta
+    from pruning.methods import Method, check_rate, prune_tensor
+    from pruning.select import make_selector
+
+    try:
+        p = check_rate(rate, "<--rate>")
+        m = Method(method) if method in {x.value for x in Method} else None
+        if m is None:
+            raise typer.BadParameter(f"unknown method {method!r}")
+        q_mode = None if q is None else q if q in ("auto", "analytical") else float(q)
+        if m is Method.darex_q and q_mode is None:
+            raise typer.BadParameter("darex_q needs --q FLOAT, --q auto or --q analytical")
+        if m is Method.dare and q_mode is not None:
+            raise typer.BadParameter("dare rescales by 1/(1-p); use --method darex_q for a q")
+        needs_calib = m is Method.wanda or isinstance(q_mode, str)
+        if needs_calib and calib is None:
+            raise typer.BadParameter(f"--method {method} --q {q} needs --calib FILE")
+        base_dir, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
+        sel = make_selector(arch, include, exclude)
+        stats = {}
+        if calib is not None:
+            batches = _calib_batches(calib, [Path(finetuned), base_dir], calib_samples, 128)
+            stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
+        out.mkdir(parents=True, exist_ok=True)
+        names = f.names()
+        metas = [(n, f.meta[n].dtype, f.meta[n].shape) for n in names]
+        info = {"method": m.value, "p": str(p), "q": str(q), "seed": str(seed), "format": "pt"}
+        writer = SafetensorsWriter(out / "model.safetensors", metas, info)
+        ft_to_base = {fn: bn for bn, fn in plan.pairs.items()}
+        report: dict[str, dict] = {}
+        kept = total = 0
+        for fname in tqdm(names, desc="prune", unit="tensor"):
+            w_ft = f.get(fname)
+            bname = ft_to_base.get(fname)
+            if bname is None or not w_ft.is_floating_point() or not sel.selects(bname, w_ft):
+                writer.write(fname, w_ft)
+                continue
+            w_base = b.get(bname)
+            d = compute_delta(w_base, w_ft, fname)
+            st = stats.get(fname)
+            tq = _layer_q(m, q_mode, d, p, stats.get(fname), bname, seed, per, axis, eta)
+            st = stats.get(fname)
+            if m is Method.wanda and (st is None or d.dim() != 2):
+                # no input features (embeddings, norms, biases): magnitude
+                sd = prune_tensor(Method.magnitude, d, p, name=bname, q=tq)
+            else:
+                cn = None if st is None else st.col_norm
+                sd = prune_tensor(
+                    m, d, p, name=bname, seed=seed, q=tq, col_norm=cn, per=per, axis=axis
+                )
+            w = w_base.to(w_ft.dtype).clone().reshape(-1)
+            w[sd.indices] = (w_base.reshape(-1)[sd.indices].float() + sd.values.float()).to(w.dtype)
+            writer.write(fname, w.view(w_ft.shape))
+            report[bname] = {"nnz": sd.nnz, "numel": sd.numel, "scale": sd.scale}
+            kept, total = kept + sd.nnz, total + sd.numel
+        writer.close()
+        _copy_side_files([Path(finetuned), base_dir], out)
+        summary = {
+            "base": base,
+            "finetuned": str(finetuned),
+            "arch": arch,
+            **info,
+            "tensors": report,
+        }
+        (out / "darex_prune.json").write_text(json.dumps(summary, indent=1))
+        console.print(
+            f"pruned {len(report)} tensors ({m.value}, p={p}): kept {kept:,} of {total:,} "
+            f"entries ({kept / max(total, 1):.2%}); wrote {out}"
+        )
+    except _errors() as e:
+        raise _fail(e) from e
+    except ValueError as e:
+        raise _fail(e) from e

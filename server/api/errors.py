@@ -1,0 +1,143 @@
+"""One mapping from domain exceptions to HTTP status and an OpenAI-shaped body.
+
+Body: ``{"error": {"type", "message", "param", "code", "request_id"}}``. The
+message says what and why (model_id, tensor, expected vs actual); a stack
+trace never leaves the server, it goes to the log with the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import (
+    InvalidRequest,
+    ModelRetired,
+    NotReady,
+    PayloadTooLarge,
+    SchedulerClosed,
+    Unauthorized,
+    WrongTask,
+)
+from server.logging import model_id_var, request_id_var
+from storage.errors import (
+    BadCheckpoint,
+    BaseMismatch,
+    CorruptBlob,
+    InvalidModelId,
+    ModelExists,
+    RegistryUnavailable,
+    UnknownBase,
+    UnknownJob,
+    UnknownModel,
+    UnknownTask,
+    UnsupportedFormat,
+)
+
+log = logging.getLogger(__name__)
+
+# (exception, status, type, code); the first match wins, so subclasses come first.
+ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
+    (UnknownModel, 404, "not_found_error", "model_not_found"),
+    (ModelRetired, 404, "not_found_error", "model_not_found"),
+    (UnknownJob, 404, "not_found_error", "job_not_found"),
+    (Unauthorized, 401, "authentication_error", "invalid_api_key"),
+    (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
+    (BaseMismatch, 422, "invalid_request_error", "base_mismatch"),
+    (BadCheckpoint, 422, "invalid_request_error", "bad_checkpoint"),
+    (UnsupportedFormat, 422, "invalid_request_error", "unsupported_format"),
+    (InvalidModelId, 422, "invalid_request_error", "invalid_model_id"),
+    (UnknownBase, 422, "invalid_request_error", "unknown_base"),
+    (UnknownTask, 422, "invalid_request_error", "unknown_task"),
+    (WrongTask, 422, "invalid_request_error", "wrong_task"),
+    (InvalidRequest, 422, "invalid_request_error", "invalid_request"),
+    (ModelExists, 409, "invalid_request_error", "model_exists"),
+    (RegistryUnavailable, 503, "service_unavailable", "registry_unavailable"),
+    (NotReady, 503, "service_unavailable", "not_ready"),
+    (SchedulerClosed, 503, "service_unavailable", "shutting_down"),
+    (CorruptBlob, 500, "server_error", "corrupt_blob"),
+]
+
+
+def error_body(
+    status: int, type_: str, message: str, code: str | None = None, param: str | None = None
+) -> dict:
+    return {
+        "error": {
+            "type": type_,
+            "message": message,
+            "param": param,
+            "code": code,
+            "request_id": request_id_var.get(),
+        }
+    }
+
+
+def describe(exc: BaseException) -> tuple[int, dict]:
+    """Status and body for any exception (500 with no internals for unexpected ones)."""
+    for cls, status, type_, code in ERROR_MAP:
+        if isinstance(exc, cls):
+            param = getattr(exc, "field", None)
+            if param is None and code in ("model_not_found", "wrong_task"):
+                param = "model"
+            return status, error_body(status, type_, str(exc), code, param)
+    rid = request_id_var.get()
+    return 500, error_body(500, "server_error", f"internal error (request id {rid})", "internal")
+
+
+def log_error(status: int, body: dict, exc: BaseException | None) -> None:
+    err = body["error"]
+    extra = {
+        "status": status,
+        "error_code": err["code"],
+        "model_id": model_id_var.get(),
+        "request_id": request_id_var.get(),
+    }
+    if status >= 500:
+        log.error("request failed: %s", err["message"], exc_info=exc, extra=extra)
+    else:
+        log.warning("request refused: %s", err["message"], extra=extra)
+
+
+async def _domain_handler(request: Request, exc: Exception) -> JSONResponse:
+    status, body = describe(exc)
+    log_error(status, body, exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _loc(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or ".".join(str(p) for p in loc)
+
+
+async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    body_in = getattr(exc, "body", None)
+    if isinstance(body_in, dict) and isinstance(body_in.get("model"), str):
+        model_id_var.set(body_in["model"][:200])
+    details = [f"{_loc(e['loc'])}: {e['msg']}" for e in errs]
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+    body = error_body(422, "invalid_request_error", "; ".join(details), "invalid_request")
+    body["error"]["param"] = _loc(first["loc"])
+    log_error(422, body, None)
+    return JSONResponse(body, status_code=422)
+
+
+async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    body = error_body(exc.status_code, type_, str(exc.detail), None)
+    log_error(exc.status_code, body, None)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
+    for cls in {c for c, *_ in ERROR_MAP}:
+        app.add_exception_handler(cls, _domain_handler)
+    app.add_exception_handler(Exception, _domain_handler)  # 500, no internals to the client

@@ -1,0 +1,1 @@
+"""Routers per audience: inference (OpenAI-compatible, classify), admin, operations."""

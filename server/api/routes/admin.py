@@ -1,0 +1,185 @@
+"""Admin, behind the bearer token: upload a fine-tune, follow its job, inspect, delete.
+
+``POST /admin/models`` streams a multipart body to disk (size limit ->
+413), checks the checkpoint's tensor headers against the base at once (a
+mismatch -> 422 naming the tensor, before any job exists), then returns a job
+id while the ingest (prune, encode, store, register) runs on a background
+thread that writes its progress to the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api.deps import SettingsDep, StateDep, StoreDep, require_admin
+from server.api.schemas import Deleted, JobAccepted, JobPublic, ModelPublic
+from server.api.state import AppState
+from server.api.upload import Upload, receive_upload
+from server.errors import InvalidRequest
+from server.logging import model_id_var
+from storage.errors import ModelExists, UnknownModel
+from storage.modelid import validate_model_id
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+METHODS = ("dare", "darex_q", "magnitude", "wanda", "structural")
+TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
+
+
+def _float_field(up: Upload, name: str, lo: float, hi: float) -> float | None:
+    raw = up.fields.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name}: {raw!r} is not a number", field=name) from None
+    if not (lo <= v <= hi) or math.isnan(v):
+        raise InvalidRequest(f"{name}: {v} is outside [{lo}, {hi}]", field=name)
+    return v
+
+
+def _checkpoint_path(up: Upload) -> Path:
+    """The folder (HF model or PEFT adapter) that ingest reads; refuses pickles and empties."""
+    names = set(up.files)
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = [n for n in names if Path(n).suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        why = (
+            f"pickle files {sorted(pickles)} are refused (they can run code when loaded)"
+            if pickles
+            else f"got {sorted(names) or 'no files'}"
+        )
+        raise InvalidRequest(f"files: expected .safetensors weights; {why}", field="files")
+    return up.folder
+
+
+def _precheck(state: AppState, folder: Path) -> None:
+    """Header-only check of a full checkpoint against the base (raises ``BaseMismatch``)."""
+    from storage.checkpoint import open_checkpoint, plan_against_base
+    from storage.ingest import is_lora_adapter
+
+    if is_lora_adapter(folder) or state.base is None:
+        return
+    plan_against_base(open_checkpoint(folder), open_checkpoint(state.base.path))
+
+
+def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
+    from storage.ingest import ingest
+
+    reg = state.store.registry
+    try:
+        reg.update_job(job_id, state="running", message="ingesting")
+        result = ingest(
+            state.store,
+            model_id,
+            up.folder,
+            state.base,
+            progress=lambda f, m: reg.update_job(job_id, progress=f, message=m),
+            show_progress=False,
+            max_tensors=state.settings.max_tensors,
+            **opts,
+        )
+        m = result.manifest
+        msg = f"stored {m.method} p={m.p}: {m.stored_bytes()} bytes, {m.ratio:.4f} of fp16"
+        reg.update_job(job_id, state="done", progress=1.0, message=msg)
+        log.info("ingest done: %s", msg, extra={"model_id": model_id, "job_id": job_id})
+    except Exception as e:
+        log.exception("ingest failed", extra={"model_id": model_id, "job_id": job_id})
+        reg.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}", message="failed")
+    finally:
+        up.cleanup()
+
+
+@router.post("/models", status_code=202, response_model=JobAccepted)
+async def upload_model(request: Request, state: StateDep, settings: SettingsDep, store: StoreDep):
+    """Multipart: files (``*.safetensors`` + ``config.json``, or a PEFT adapter), ``model_id``,
+    optional ``method``, ``rate`` (p), ``q``, ``task``, ``replace``."""
+    up = await receive_upload(
+        request.headers.get("content-type"),
+        request.headers.get("content-length"),
+        request.stream(),
+        settings.max_upload_bytes,
+        settings.data_dir / "uploads",
+    )
+    try:
+        model_id = up.fields.get("model_id", "")
+        model_id_var.set(model_id or None)
+        if not model_id:
+            raise InvalidRequest("model_id: field required", field="model_id")
+        validate_model_id(model_id)
+        method = up.fields.get("method") or None
+        if method is not None and method not in METHODS:
+            raise InvalidRequest(f"method: {method!r} is not one of {METHODS}", field="method")
+        rate = _float_field(up, "rate", 0.0, 0.9999)
+        q = _float_field(up, "q", 1e-6, 1.0)
+        replace = up.fields.get("replace", "").lower() in ("1", "true", "yes")
+        task = up.fields.get("task") or None
+        if task is not None and task not in TASKS:
+            raise InvalidRequest(f"task: {task!r} is not one of {TASKS}", field="task")
+        if task is None and state.base is not None and state.base.arch == "decoder":
+            task = "causal-lm"  # all a decoder base serves; a LoRA adapter does not say
+        folder = _checkpoint_path(up)
+        if not replace:
+            try:
+                await asyncio.to_thread(store.registry.get_model, model_id)
+                raise ModelExists(f"model {model_id!r} is already registered")
+            except UnknownModel:
+                pass
+        await asyncio.to_thread(_precheck, state, folder)
+        job = await asyncio.to_thread(store.registry.create_job, model_id, "queued")
+    except BaseException:
+        up.cleanup()
+        raise
+    rate = settings.default_rate if rate is None else rate
+    opts = {"method": method, "p": rate, "q": q, "replace": replace, "task": task}
+    state.jobs.submit(_run_ingest, state, job.id, model_id, up, opts)
+    log.info(
+        "upload accepted", extra={"job_id": job.id, "bytes": up.nbytes, "files": sorted(up.files)}
+    )
+    return JobAccepted(job_id=job.id, model_id=model_id, state=job.state)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+async def get_job(job_id: str, store: StoreDep) -> JobPublic:
+    job = await asyncio.to_thread(store.registry.get_job, job_id)
+    return JobPublic(**job.model_dump())
+
+
+@router.get("/models/{model_id}", response_model=ModelPublic)
+async def get_model(model_id: str, store: StoreDep) -> ModelPublic:
+    model_id_var.set(model_id)
+    m = await asyncio.to_thread(store.manifest, model_id)
+    return ModelPublic(
+        id=model_id,
+        task=m.task,
+        labels=m.labels,
+        base=m.base.name,
+        base_sha256=m.base.sha256,
+        method=m.method,
+        p=m.p,
+        q=m.q,
+        stored_bytes=m.stored_bytes(),
+        fp16_bytes=m.fp16_bytes or None,
+        ratio_vs_fp16=m.ratio if m.fp16_bytes else None,
+        tensors=len(m.deltas) + len(m.extras),
+        created=m.created.timestamp(),
+    )
+
+
+@router.delete("/models/{model_id}", response_model=Deleted)
+async def delete_model(model_id: str, state: StateDep, store: StoreDep) -> Deleted:
+    """Refuse new requests, let in-flight ones finish, unregister, drop cached copies."""
+    model_id_var.set(model_id)
+    await asyncio.to_thread(store.manifest, model_id)  # 404 when unknown
+    if state.scheduler is not None:
+        await state.scheduler.retire(model_id, then=lambda: store.delete(model_id))
+    else:
+        await asyncio.to_thread(store.delete, model_id)
+    log.info("model deleted", extra={"model_id": model_id})
+    return Deleted(id=model_id, deleted=True)

@@ -1,0 +1,40 @@
+"""/v1/classify: labels and scores per input under a sequence-classification fine-tune."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api.deps import SchedulerDep, StateDep, require_api_key
+from server.api.routes.common import resolve_model
+from server.api.schemas import Classification, ClassifyRequest, ClassifyResponse
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/classify", response_model=ClassifyResponse)
+async def classify(
+    body: ClassifyRequest, request: Request, state: StateDep, sched: SchedulerDep
+) -> ClassifyResponse:
+    """``scores[label] = softmax(head(pooled))[label]``; ``label`` is the argmax."""
+    target, _ = await resolve_model(
+        state, request, body.model, ("sequence-classification",), "/v1/classify"
+    )
+    probs = await sched.classify(target, body.texts)
+    labels = state.engine.labels_of(target)
+    data = []
+    for i, row in enumerate(probs):
+        names = (
+            labels
+            if labels and len(labels) == len(row)
+            else [f"LABEL_{j}" for j in range(len(row))]
+        )
+        best = max(range(len(row)), key=row.__getitem__)
+        data.append(
+            Classification(
+                index=i,
+                label=names[best],
+                score=row[best],
+                scores=dict(zip(names, row, strict=True)),
+            )
+        )
+    return ClassifyResponse(model=body.model, data=data)

@@ -1,0 +1,77 @@
+"""Helpers shared by the inference routers: model lookup, prompt checks, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+
+from server.api.errors import describe, log_error
+from server.api.state import AppState
+from server.errors import InvalidRequest, NotReady, WrongTask
+from server.generation import Chunk, SamplingParams
+from server.logging import model_id_var
+
+log = logging.getLogger(__name__)
+
+
+async def resolve_model(
+    state: AppState, request: Request, model: str, tasks: tuple[str, ...], endpoint: str
+) -> tuple[str | None, str]:
+    """``(scheduler key, task)`` of a request's model; 404 unknown, 422 wrong task."""
+    model_id_var.set(model)
+    if state.engine is None:
+        raise NotReady("the base model is still loading")
+    target = state.target(model)
+    task = await asyncio.to_thread(state.engine.task_of, target)
+    if task not in tasks:
+        raise WrongTask(
+            f"model {model!r} is a {task} model; {endpoint} serves {' or '.join(tasks)}"
+        )
+    request.state.model_label = model
+    return target, task
+
+
+def check_prompt(state: AppState, ids: list[int], params: SamplingParams, field: str) -> None:
+    """Refuse empty prompts, prompts that fill the context, and max_tokens over the cap."""
+    if not ids:
+        raise InvalidRequest(f"{field}: the prompt has no tokens", field=field)
+    limit = getattr(state.engine.model.config, "max_position_embeddings", None)
+    if limit is not None and len(ids) >= limit:
+        raise InvalidRequest(
+            f"{field}: {len(ids)} tokens, the model's context holds {limit}", field=field
+        )
+    cap = state.settings.max_new_tokens
+    if params.max_tokens > cap:
+        raise InvalidRequest(
+            f"max_tokens: {params.max_tokens} is more than this server's limit of {cap}",
+            field="max_tokens",
+        )
+
+
+def sse(obj: dict | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def sse_stream(
+    chunks: AsyncIterator[Chunk],
+    frame: Callable[[Chunk], list[dict]],
+    state: AppState,
+    model: str,
+) -> AsyncIterator[bytes]:
+    """Frame each chunk as SSE events, then ``[DONE]``; an error mid-stream becomes an event."""
+    try:
+        async for c in chunks:
+            if c.completion_tokens:
+                state.metrics.tokens.labels(model).inc(c.completion_tokens)
+            for event in frame(c):
+                yield sse(event)
+    except Exception as e:  # headers are out: the error travels as an event
+        status, body = describe(e)
+        log_error(status, body, e)
+        yield sse(body)
+    yield sse("[DONE]")

@@ -1,0 +1,252 @@
+"""Request and response bodies, split by use. OpenAI-compatible where OpenAI has the endpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.generation import SamplingParams
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat (OpenAI names and defaults)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200, description="model_id, or the base's id")
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Per-request sampling seed.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: Literal[1] = Field(1, description="Only one choice per prompt is generated.")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    def sampling(self, default_max: int) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_tokens=self.max_tokens or default_max,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(stops),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="One prompt, or a list (one choice each).")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= 64:
+            raise ValueError("a list of 1 to 64 prompts")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = ""
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def sampling(self, default_max: int) -> SamplingParams:
+        p = super().sampling(default_max)
+        if self.max_completion_tokens is not None and self.max_tokens is None:
+            return SamplingParams(
+                self.max_completion_tokens, p.temperature, p.top_p, p.seed, p.stop
+            )
+        return p
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "darex"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] = Field(description="One text or a list of up to 256.")
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= 256:
+            raise ValueError("a list of 1 to 256 texts")
+        return v
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Classification(BaseModel):
+    index: int
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Classification]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str]
+    encoding_format: Literal["float"] = "float"
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float]
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    usage: dict[str, int]
+
+
+# ---- admin ----------------------------------------------------------------------------
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    model_id: str
+    state: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    model_id: str
+    state: str
+    progress: float
+    message: str
+    error: str | None
+    created: float
+    updated: float
+
+
+class ModelPublic(BaseModel):
+    """What the admin sees of a stored fine-tune."""
+
+    id: str
+    task: str
+    labels: list[str] | None
+    base: str
+    base_sha256: str
+    method: str
+    p: float | None
+    q: float | dict[str, float] | None
+    stored_bytes: int
+    fp16_bytes: int | None
+    ratio_vs_fp16: float | None
+    tensors: int
+    created: float | None
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: bool

@@ -1,0 +1,303 @@
+"""The engine: one resident base in a flat buffer, fine-tunes hot-swapped by a fused scatter.
+
+At start every floating parameter goes into one contiguous buffer ``buf`` and
+the module parameters become views of it (tied weights once). A resident
+delta is ``(idx, val)`` over ``buf`` (sorted, unique). Switching A -> B::
+
+    buf[idx_a] = saved_a                          # restore A (index_copy_, bit-exact)
+    saved_b = buf[idx_b]; buf[idx_b] += val_b     # save, then apply B (index_add_)
+
+in one kernel call (numba on CPU, Triton on CUDA, torch ops as the reference).
+A fine-tune's dense extras (a classification head) are swapped by reference:
+the head module's parameters are the cached tensors themselves.
+
+Single writer: only one thread (the scheduler's worker) calls ``activate``,
+``restore``, ``forget`` and the forward helpers; ``prefetch`` only reads the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from server import kernels
+from server.cache import DeltaCache
+from server.deltas import DeltaSource, ModelInfo, ResidentDelta, Slot, StoreSource, to_resident
+from server.errors import WrongTask
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["causal-lm", "encoder"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def flatten_parameters(model: nn.Module) -> tuple[torch.Tensor, dict[str, Slot]]:
+    """Move every floating parameter into one flat buffer; parameters become views of it.
+
+    Returns ``(buf, slots)`` with a slot for every parameter name, aliases of a
+    tied parameter pointing at the same slot. Integer buffers are left alone.
+    """
+    named = list(model.named_parameters(remove_duplicate=False))
+    unique: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in named:
+        unique.setdefault(id(p), (p, []))[1].append(name)
+    dtypes = {p.dtype for p, _ in unique.values()}
+    assert len(dtypes) == 1, f"one floating dtype expected among parameters, got {dtypes}"
+    (dtype,) = dtypes
+    device = next(iter(unique.values()))[0].device
+    total = sum(p.numel() for p, _ in unique.values())
+    buf = torch.empty(total, dtype=dtype, device=device)
+    slots: dict[str, Slot] = {}
+    off = 0
+    for p, names in unique.values():
+        n = p.numel()
+        view = buf[off : off + n]
+        view.copy_(p.detach().reshape(-1))
+        p.data = view.view(p.shape)
+        p.requires_grad_(False)
+        for name in names:
+            slots[name] = Slot(off, n, tuple(p.shape))
+        off += n
+    return buf, slots
+
+
+class Engine:
+    """Resident base + swap; see the module docstring for the semantics."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        kind: Kind,
+        source: DeltaSource | Any,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        device_cache_bytes: int = 1 << 30,
+        host_cache_bytes: int = 4 << 30,
+        base_name: str = "base",
+        kernel: str | None = None,
+    ) -> None:
+        assert kind in ("causal-lm", "encoder"), f"unknown engine kind {kind!r}"
+        self.kind: Kind = kind
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.source: DeltaSource = StoreSource(source) if hasattr(source, "manifest") else source
+        self.buf, self.slots = flatten_parameters(self.model)
+        self.kernel = kernel or kernels.kernel_name(self.buf)
+        if self.kernel == "numba":
+            kernels.cpu.warmup()
+        self.cache = DeltaCache(self._decode, self.device, device_cache_bytes, host_cache_bytes)
+        self.active: str | None = None
+        self.head: nn.Module | None = None
+        self._cur: ResidentDelta | None = None
+        self._scratch = [self.buf.new_empty(0), self.buf.new_empty(0)]
+        self._slot = 0  # which scratch holds the active delta's saved values
+        self._saved = self._scratch[0]
+        self._info: dict[str, ModelInfo] = {}
+        self.last_swap_s = 0.0
+        self._loaded_fingerprint = self.base_fingerprint()
+
+    @classmethod
+    def load(
+        cls,
+        base: Any,
+        source: DeltaSource | Any,
+        settings: Any = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        device_cache_bytes: int | None = None,
+        host_cache_bytes: int | None = None,
+    ) -> Engine:
+        """Load ``base`` (a ``storage.bases.BaseInfo``: name, path, arch) with plain transformers.
+
+        Explicit arguments win over ``settings`` (a ``server.settings.Settings``).
+        """
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        def pick(value: Any, field: str, default: Any) -> Any:
+            if value is not None:
+                return value
+            return getattr(settings, field, default) if settings is not None else default
+
+        dev = resolve_device(pick(device, "device", "auto"))
+        dt = resolve_dtype(pick(dtype, "dtype", "auto"), dev)
+        kind: Kind = "causal-lm" if base.arch == "decoder" else "encoder"
+        auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        model = auto.from_pretrained(str(base.path), dtype=dt)
+        tok = AutoTokenizer.from_pretrained(str(base.path))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return cls(
+            model,
+            tok,
+            kind=kind,
+            source=source,
+            device=dev,
+            dtype=dt,
+            device_cache_bytes=pick(device_cache_bytes, "device_cache_bytes", 1 << 30),
+            host_cache_bytes=pick(host_cache_bytes, "host_cache_bytes", 4 << 30),
+            base_name=base.name,
+        )
+
+    # ---- swapping -------------------------------------------------------------------------
+    def _decode(self, model_id: str) -> ResidentDelta:
+        """Source -> resident form on the host (runs on the caller's or the prefetch thread)."""
+        rd = to_resident(model_id, self.source.load(model_id), self.slots, self.dtype)
+        self._info[model_id] = ModelInfo(rd.task, rd.labels)
+        return rd
+
+    def _target(self, model_id: str | None) -> str | None:
+        return None if model_id is None or model_id == self.base_name else model_id
+
+    def activate(self, model_id: str | None) -> bool:
+        """Make ``model_id`` (None or the base's name = the base) the active model.
+
+        Returns whether anything changed. Raises ``UnknownModel`` with nothing changed.
+        """
+        target = self._target(model_id)
+        if target == self.active:
+            return False
+        new = self.cache.get(target, pin=True) if target is not None else None
+        t0 = time.perf_counter()
+        self._swap_to(new)
+        self.last_swap_s = time.perf_counter() - t0
+        log.debug(
+            "activated",
+            extra={"model_id": target, "swap_ms": 1e3 * self.last_swap_s, "kernel": self.kernel},
+        )
+        return True
+
+    def restore(self) -> None:
+        """Back to the base, bit-exactly."""
+        self.activate(None)
+
+    def _swap_to(self, new: ResidentDelta | None) -> None:
+        old = self._cur
+        empty_i = torch.empty(0, dtype=torch.int64, device=self.device)
+        idx_a = old.idx if old is not None else empty_i
+        saved_a = self._saved[: idx_a.numel()]
+        nxt = 1 - self._slot
+        n_b = new.idx.numel() if new is not None else 0
+        if self._scratch[nxt].numel() < n_b:
+            self._scratch[nxt] = self.buf.new_empty(n_b + n_b // 8)
+        saved_b = self._scratch[nxt][:n_b]
+        idx_b = new.idx if new is not None else empty_i
+        val_b = new.val if new is not None else self.buf.new_empty(0)
+        kernels.swap(self.buf, idx_a, saved_a, idx_b, val_b, saved_b, impl=self.kernel)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._slot, self._saved, self._cur = nxt, saved_b, new
+        if old is not None:
+            self.cache.unpin(old.model_id)
+        self.active = new.model_id if new is not None else None
+        self.head = self._make_head(new)
+
+    def _make_head(self, rd: ResidentDelta | None) -> nn.Module | None:
+        """A Linear whose parameters are the cached extras themselves (no copy)."""
+        if rd is None or rd.task != "sequence-classification":
+            return None
+        w = rd.extras.get("classifier.weight")
+        if w is None:
+            return None
+        b = rd.extras.get("classifier.bias")
+        head = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        head.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            head.bias = nn.Parameter(b, requires_grad=False)
+        return head.eval()
+
+    def prefetch(self, model_id: str | None) -> None:
+        """Start decoding ``model_id`` into the cache on the background thread (non-blocking)."""
+        target = self._target(model_id)
+        if target is not None and target != self.active:
+            self.cache.prefetch(target)
+
+    def forget(self, model_id: str) -> None:
+        """Drop cached copies after a delete (restores the base first if it is active)."""
+        if self.active == model_id:
+            self.restore()
+        self.cache.forget(model_id)
+        self._info.pop(model_id, None)
+
+    # ---- metadata ------------------------------------------------------------------------
+    def _model_info(self, model_id: str) -> ModelInfo:
+        info = self._info.get(model_id)
+        if info is None:
+            info = self._info[model_id] = self.source.info(model_id)
+        return info
+
+    def task_of(self, model_id: str | None) -> str:
+        """ "causal-lm" | "sequence-classification" | "feature-extraction"."""
+        target = self._target(model_id)
+        if target is None:
+            return "causal-lm" if self.kind == "causal-lm" else "feature-extraction"
+        return self._model_info(target).task
+
+    def labels_of(self, model_id: str | None) -> list[str] | None:
+        target = self._target(model_id)
+        return None if target is None else self._model_info(target).labels
+
+    def cache_stats(self) -> dict[str, Any]:
+        out = self.cache.stats()
+        out.update(active=self.active, kernel=self.kernel, last_swap_ms=1e3 * self.last_swap_s)
+        return out
+
+    def base_fingerprint(self) -> str:
+        """sha256 of the flat buffer's bytes (equals the loaded one whenever the base is active)."""
+        raw = self.buf.detach().cpu().contiguous().view(torch.uint8).numpy()
+        return hashlib.sha256(raw).hexdigest()
+
+    @property
+    def loaded_fingerprint(self) -> str:
+        return self._loaded_fingerprint
+
+    # ---- forward helpers -----------------------------------------------------------------
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @torch.inference_mode()
+    def classify(self, texts: list[str]) -> list[list[float]]:
+        """softmax(classifier(pooler_output)) under the active fine-tune (eval mode, no dropout)."""
+        if self.head is None:
+            raise WrongTask(
+                f"active model {self.active or self.base_name!r} has no classification head"
+            )
+        out = self.model(**self._encode(texts))
+        logits = self.head(out.pooler_output)  # (B, num_labels)
+        return torch.softmax(logits.float(), dim=-1).tolist()
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean of the last hidden state over non-padding tokens, per text."""
+        enc = self._encode(texts)
+        hidden = self.model.base_model(**enc).last_hidden_state  # (B, T, H)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return pooled.float().tolist()
+
+    def close(self) -> None:
+        self.cache.close()

@@ -1,0 +1,37 @@
+"""Exceptions raised by server/. One handler in ``server.api.errors`` maps them (and storage's)."""
+
+
+class ServerError(Exception):
+    """Base class for serving failures."""
+
+
+class ModelRetired(ServerError):
+    """The model is being deleted: it finishes its in-flight requests and accepts no new ones."""
+
+
+class SchedulerClosed(ServerError):
+    """The scheduler is shutting down and takes no more requests."""
+
+
+class WrongTask(ServerError, ValueError):
+    """The model exists but does not do what the endpoint asks (e.g. classify with a causal LM)."""
+
+
+class InvalidRequest(ServerError, ValueError):
+    """A request that is well-formed JSON but cannot be served (prompt too long, bad file set)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Unauthorized(ServerError):
+    """Missing or wrong bearer token."""
+
+
+class PayloadTooLarge(ServerError):
+    """An upload over the configured size limit."""
+
+
+class NotReady(ServerError):
+    """The base model is not loaded yet or the registry cannot be reached."""

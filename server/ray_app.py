@@ -1,0 +1,349 @@
+"""Ray Serve deployment with model multiplexing: a model_id goes where its delta already is.
+
+Two deployments::
+
+    client --HTTP--> DarexIngress (FastAPI, reads body["model"])
+                       |  handle.options(multiplexed_model_id=model)
+                       v
+                     DarexReplica x N (one resident base + engine + scheduler each)
+
+``DarexReplica.get_model`` is ``@serve.multiplexed``: it decodes the fine-tune's
+delta into that replica's engine cache. Ray's router sends a request for
+``model_id`` to a replica that has already loaded it when there is one, so
+swapping cost stays on replicas that hold the delta; at most
+``models_per_replica`` ids are pinned to one replica (the engine's own LRU
+budgets still bound memory). Replicas share the registry and the blob store
+(``DAREX_REGISTRY_URL=redis://...``, ``DAREX_DATA_DIR`` on shared storage);
+each runs a ``RegistryWatcher`` so deletes made anywhere are honoured.
+
+Start it with ``serve run server.ray_app:app`` (settings from ``DAREX_*``),
+``serve run server.ray_app:build_app num_replicas=2``, or ``darex serve --ray``
+(``serve_ray``). Uploads and deletes go through a plain ``darex serve`` replica
+or ``darex store`` against the same registry; this app serves inference.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+try:
+    from ray import serve
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "server.ray_app needs Ray Serve: pip install 'darex-serve[ray]' "
+        "(or pip install 'ray[serve]==2.60.*')"
+    ) from e
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from server.api.errors import describe, log_error
+from server.api.schemas import (
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+)
+from server.errors import InvalidRequest, NotReady
+from server.generation import SamplingParams
+from server.replicas import replica_watcher
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KINDS = ("completions", "chat", "classify", "embeddings")
+
+
+def _params(body: dict[str, Any], max_new_tokens: int) -> SamplingParams:
+    stop = body.get("stop") or ()
+    return SamplingParams(
+        max_tokens=min(int(body.get("max_tokens") or 16), max_new_tokens),
+        temperature=float(body.get("temperature", 0.0) or 0.0),
+        top_p=float(body.get("top_p", 1.0) or 1.0),
+        seed=body.get("seed"),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+    )
+
+
+def _validate(schema: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or None
+        raise InvalidRequest(f"{field}: {first['msg']}", field=field) from None
+
+
+def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]
+    return "\n".join([*lines, "assistant:"])
+
+
+class Runtime:
+    """One replica's serving state: base, store, engine, scheduler and registry watcher."""
+
+    def __init__(self, settings: Settings) -> None:
+        from server.engine import Engine
+        from server.scheduler import Scheduler
+        from storage.bases import resolve_base
+        from storage.registry import open_registry
+        from storage.store import DeltaStore
+
+        self.settings = settings
+        base = resolve_base(settings.base, settings.data_dir)
+        self.base_name = base.name
+        self.registry = open_registry(settings.registry)
+        self.store = DeltaStore(settings.data_dir, self.registry)
+        self.engine = Engine.load(base, self.store, settings)
+        self.scheduler = Scheduler(
+            self.engine,
+            max_batch_size=settings.max_batch_size,
+            max_batches_per_turn=settings.max_batches_per_turn,
+            max_new_tokens=settings.max_new_tokens,
+        )
+        self.watcher = replica_watcher(self)
+
+    def is_base(self, model_id: str | None) -> bool:
+        return model_id in (None, "", self.base_name)
+
+    async def warm(self, model_id: str) -> None:
+        """Check the id exists and decode its delta into the engine cache."""
+        if self.is_base(model_id):
+            return
+        await self.watcher.ensure_ready()
+        eng = self.engine
+        await self.scheduler.call(lambda: (eng.task_of(model_id), eng.prefetch(model_id)))
+
+    async def infer(self, kind: str, model_id: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """One OpenAI-shaped answer for ``kind`` in ``KINDS``."""
+        if not self.is_base(model_id):
+            await self.watcher.ensure_ready()
+        model = model_id or self.base_name
+        target = None if self.is_base(model_id) else model_id
+        created = int(time.time())
+        if kind in ("classify", "embeddings"):
+            req = _validate(ClassifyRequest if kind == "classify" else EmbeddingRequest, body)
+            if kind == "embeddings":
+                vecs = await self.scheduler.embed(target, req.texts)
+                data = [Embedding(index=i, embedding=v) for i, v in enumerate(vecs)]
+                n = sum(len(self.engine.tokenizer(t)["input_ids"]) for t in req.texts)
+                usage = {"prompt_tokens": n, "total_tokens": n}
+                return EmbeddingResponse(model=model, data=data, usage=usage).model_dump()
+            probs = await self.scheduler.classify(target, req.texts)
+            labels = self.engine.labels_of(target)
+            rows = []
+            for i, row in enumerate(probs):
+                names = (
+                    labels
+                    if labels and len(labels) == len(row)
+                    else [f"LABEL_{j}" for j in range(len(row))]
+                )
+                best = max(range(len(row)), key=row.__getitem__)
+                scores = dict(zip(names, row, strict=True))
+                rows.append(
+                    Classification(index=i, label=names[best], score=row[best], scores=scores)
+                )
+            return ClassifyResponse(model=model, data=rows).model_dump()
+        params = _params(body, self.settings.max_new_tokens)
+        if kind == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequest("'messages' must be a non-empty list", "messages")
+            prompt = _chat_prompt(self.engine.tokenizer, messages)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise InvalidRequest("'prompt' must be a string", "prompt")
+        chunk = await self.scheduler.complete(target, prompt, params)
+        usage = {
+            "prompt_tokens": chunk.prompt_tokens,
+            "completion_tokens": chunk.completion_tokens,
+            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+        }
+        if kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": chunk.text},
+                "finish_reason": chunk.finish_reason,
+            }
+            obj, prefix = "chat.completion", "chatcmpl"
+        else:
+            choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason}
+            obj, prefix = "text_completion", "cmpl"
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+
+@serve.deployment(name="DarexReplica")
+class DarexReplica:
+    """One resident base; ``get_model`` is multiplexed so Ray routes by model_id."""
+
+    def __init__(self, overrides: dict[str, Any] | None = None) -> None:
+        self.rt = Runtime(Settings(**(overrides or {})))
+        self._watching = False
+        self.replica = f"pid-{os.getpid()}"
+        with contextlib.suppress(Exception):  # outside a running replica
+            self.replica = serve.get_replica_context().replica_id.unique_id
+
+    def _watch(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self.rt.watcher.start()
+
+    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("DAREX_RAY_MODELS", "8")))
+    async def get_model(self, model_id: str) -> str:
+        await self.rt.warm(model_id)
+        return model_id
+
+    async def infer(self, kind: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
+        """(status, body, replica id) for one request routed here by its model_id."""
+        self._watch()
+        model_id = serve.get_multiplexed_model_id() or body.get("model")
+        try:
+            if not self.rt.is_base(model_id):
+                await self.get_model(model_id)
+            return 200, await self.rt.infer(kind, model_id, body), self.replica
+        except Exception as e:
+            status, err = describe(e)
+            log_error(status, err, e)
+            return status, err, self.replica
+
+    async def ready(self) -> tuple[bool, str]:
+        self._watch()
+        try:
+            await self.rt.watcher.ensure_ready()
+        except NotReady as e:
+            return False, str(e)
+        return True, "ready"
+
+    async def models(self) -> list[str]:
+        """The resident base, then every registered fine-tune."""
+        return [self.rt.base_name, *sorted(await asyncio.to_thread(self.rt.registry.list_models))]
+
+    def check_health(self) -> None:
+        """Ray restarts a replica whose scheduler thread died."""
+        assert self.rt.scheduler._thread.is_alive(), "scheduler worker is dead"
+
+
+api = FastAPI(title="darex-serve (Ray)")
+
+_ROUTES = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/classify": "classify",
+    "/v1/embeddings": "embeddings",
+}
+
+
+@serve.deployment(name="DarexIngress")
+@serve.ingress(api)
+class DarexIngress:
+    """HTTP front: reads ``model`` from the JSON body and routes by it."""
+
+    def __init__(self, replica: Any) -> None:
+        self.replica = replica
+
+    async def _route(self, kind: str, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            _, err = describe(InvalidRequest("the body must be a JSON object"))
+            return JSONResponse(err, status_code=400)
+        if body.get("stream"):
+            _, err = describe(
+                InvalidRequest("streaming is served by `darex serve`, not the Ray app", "stream")
+            )
+            return JSONResponse(err, status_code=400)
+        model = str(body.get("model") or "")
+        handle = self.replica.options(multiplexed_model_id=model) if model else self.replica
+        status, out, replica = await handle.infer.remote(kind, body)
+        return JSONResponse(out, status_code=status, headers={"x-darex-replica": replica})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> JSONResponse:
+        return await self._route("completions", request)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> JSONResponse:
+        return await self._route("chat", request)
+
+    @api.post("/v1/classify")
+    async def classify(self, request: Request) -> JSONResponse:
+        return await self._route("classify", request)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> JSONResponse:
+        return await self._route("embeddings", request)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        ids = await self.replica.models.remote()
+        return {"object": "list", "data": [{"id": m, "object": "model"} for m in ids]}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        ok, why = await self.replica.ready.remote()
+        return JSONResponse({"ready": ok, "detail": why}, status_code=200 if ok else 503)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """Application builder for ``serve run server.ray_app:build_app key=value ...``.
+
+    Keys: ``num_replicas`` (default 1), ``num_cpus`` / ``num_gpus`` per replica
+    (default 1 / 0), ``models_per_replica`` is read from ``DAREX_RAY_MODELS`` at
+    import; any other key is a ``Settings`` field (e.g. ``base``, ``registry_url``).
+    """
+    args = dict(args or {})
+    num_replicas = int(args.pop("num_replicas", 1))
+    actor = {"num_cpus": float(args.pop("num_cpus", 1)), "num_gpus": float(args.pop("num_gpus", 0))}
+    replica = DarexReplica.options(num_replicas=num_replicas, ray_actor_options=actor).bind(args)
+    return DarexIngress.options(ray_actor_options={"num_cpus": 0}).bind(replica)
+
+
+app = build_app()
+
+
+def serve_ray(
+    settings: Settings,
+    *,
+    num_replicas: int = 1,
+    address: str | None = None,
+    num_gpus: float = 0.0,
+    blocking: bool = True,
+) -> Any:
+    """``darex serve --ray``: connect to (or start) Ray, serve on settings.host:settings.port."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    overrides = {
+        k: v.get_secret_value() if hasattr(v, "get_secret_value") else v
+        for k, v in settings.model_dump(exclude_defaults=True).items()
+    }
+    overrides = {
+        k: str(v) if not isinstance(v, int | float | bool | str) else v
+        for k, v in overrides.items()
+    }
+    target = build_app({**overrides, "num_replicas": num_replicas, "num_gpus": num_gpus})
+    return serve.run(target, blocking=blocking, name="darex")

@@ -1,0 +1,374 @@
+"""The paper's experiments on the real bases and tasks: fine-tune, prune, evaluate.
+
+Every result is one ``Row`` appended to ``<work>/results.jsonl``; fine-tunes are cached
+in ``<work>/<task>/<spec>/`` so a part can be rerun alone. ``quick`` is the CI check:
+one large-delta MiniLM fine-tune on rt-sentiment, DARE vs DAREx-q (global labeled q)
+at p in {0.9, 0.99}, and the headline asserted at p = 0.99:
+``acc(DAREx-q) - acc(DARE) >= 0.10`` and ``acc(unpruned) - acc(DAREx-q) <= 0.05``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pruning.calib import capture
+from pruning.q import analytical_q, lsq_q, output_change_score, search_q_global
+from pruning.recommend import recommend
+from server.reproduce_lab import Lab, by_length, mean_std, open_lab
+from server.training import RESULT_FILE, finetune
+from storage.bases import BaseInfo
+from storage.tasks import Task
+
+log = logging.getLogger(__name__)
+
+SEEDS = (0, 1, 2)
+RATES = (0.5, 0.9, 0.95, 0.99, 0.999)
+# q choices of DAREx-q, then the other methods; "dare" is q = 1-p.
+Q_CHOICES = ("labeled", "outchange", "analytical", "lsq")
+METHODS = ("dare", *(f"darex_q/{c}" for c in Q_CHOICES), "magnitude", "wanda", "structural")
+SEEDED = {"dare", "structural", *(f"darex_q/{c}" for c in Q_CHOICES)}
+
+# Fine-tune settings (``server.training.FinetuneOptions`` fields) by name.
+ENCODER_SPECS: dict[str, dict[str, Any]] = {
+    "adam-small": {"lr": 5e-5, "epochs": 1, "max_train": 4000},  # small deltas
+    "adam-large": {"lr": 5e-4, "max_steps": 250, "max_train": 4000},  # large deltas
+    "adamr-l2-0.1": {"lr": 5e-4, "max_steps": 250, "optimizer": "adamr-l2", "reg": 0.1},
+    "adamr-l2-1": {"lr": 5e-4, "max_steps": 250, "optimizer": "adamr-l2", "reg": 1.0},
+    "adamr-l1-0.1": {"lr": 5e-4, "max_steps": 250, "optimizer": "adamr-l1", "reg": 0.1},
+    "lora": {"lora": True, "rank": 8, "lr": 1e-3, "epochs": 1, "max_train": 4000},
+}
+DECODER_SPECS: dict[str, dict[str, Any]] = {
+    "adam-small": {"lr": 3e-4, "epochs": 1, "max_train": 1200},
+    "adam-large": {"lr": 1e-3, "epochs": 2, "max_train": 1200},
+    "adamr-l2-0.1": {
+        "lr": 1e-3,
+        "epochs": 2,
+        "max_train": 1200,
+        "optimizer": "adamr-l2",
+        "reg": 0.1,
+    },
+    "lora": {"lora": True, "rank": 8, "lr": 1e-3, "epochs": 1, "max_train": 1200},
+}
+QUICK_SPEC: dict[str, Any] = ENCODER_SPECS["adam-large"]
+TASKS = {
+    "minilm-l6": ("rt-sentiment", "rt-subjectivity", "convention-party"),
+    "smollm2-135m": ("arith", "rt-sentiment-gen"),
+}
+
+
+@dataclass
+class Row:
+    """One (task, fine-tune, method, p) cell: the metric over mask seeds."""
+
+    base: str
+    task: str
+    spec: str
+    method: str
+    p: float
+    mean: float
+    std: float
+    seeds: list[int]
+    values: list[float]
+    q: float | None = None  # global q (or the mean per-layer q)
+    stored_bytes: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Budget:
+    """How much data each evaluation uses (the test split is cut for CPU runs)."""
+
+    test: int = 600
+    val: int = 200
+    calib: int = 64
+    seeds: tuple[int, ...] = SEEDS
+    max_length: int = 128
+
+
+def append_rows(work: Path, rows: Iterable[Row]) -> None:
+    with (work / "results.jsonl").open("a") as f:
+        for r in rows:
+            f.write(json.dumps(asdict(r)) + "\n")
+
+
+def read_rows(work: Path) -> list[Row]:
+    """All rows; a later row for the same cell replaces an earlier one."""
+    f = work / "results.jsonl"
+    cells: dict[tuple, Row] = {}
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = Row(**json.loads(line))
+                cells[(r.base, r.task, r.spec, r.method, r.p)] = r
+    return list(cells.values())
+
+
+def slug(name: str) -> str:
+    """A catalog name as is; a folder path as its last part (a safe directory name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or name).strip("-") or "base"
+
+
+def ensure_finetune(
+    work: Path, base: BaseInfo, task: Task, spec: str, opts: dict[str, Any], max_length: int
+) -> tuple[Path, dict[str, Any]]:
+    """The cached fine-tune ``work/<base>/<task>/<spec>``, trained when missing."""
+    out = work / slug(base.name) / task.name / spec
+    rec = out / RESULT_FILE
+    if not rec.is_file():
+        log.info("fine-tuning %s/%s/%s", base.name, task.name, spec, extra={"model_id": spec})
+        finetune(base, task, out, max_eval=200, max_length=max_length, **opts)
+    return out, json.loads(rec.read_text())
+
+
+# -- one setting ---------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    """A loaded fine-tune with its evaluation splits and calibration statistics."""
+
+    lab: Lab
+    base: str
+    spec: str
+    test: list
+    val: list
+    budget: Budget
+    calib: dict[str, Any] = field(default_factory=dict)
+    batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    def row(self, method: str, p: float, values: list[float], seeds, **kw: Any) -> Row:
+        m, s = mean_std(values)
+        return Row(
+            self.base, self.lab.task.name, self.spec, method, p, m, s, list(seeds), values, **kw
+        )
+
+
+def open_setting(base: BaseInfo, ft_dir: Path, task: Task, spec: str, budget: Budget) -> Setting:
+    lab = open_lab(base, ft_dir, task, max_length=budget.max_length)
+    return Setting(
+        lab,
+        slug(base.name),
+        spec,
+        by_length(task.test[: budget.test]),
+        by_length(task.validation[: budget.val]),
+        budget,
+    )
+
+
+def reference_rows(st: Setting) -> list[Row]:
+    """The unpruned fine-tune and the base (with the fine-tune's head), p = 0."""
+    t0 = time.perf_counter()
+    ft = st.lab.metric(st.test)
+    st.lab.apply_base()
+    try:
+        base = st.lab.metric(st.test)
+    finally:
+        st.lab.restore()
+    stats = st.lab.stats()
+    extra = {
+        "rms": stats.rms,
+        "mean": stats.mean,
+        "spread": stats.spread,
+        "base_rms": stats.base_rms,
+    }
+    dt = time.perf_counter() - t0
+    return [
+        st.row("unpruned", 0.0, [ft], (), seconds=dt, extra=extra),
+        st.row("base", 0.0, [base], (), seconds=dt),
+    ]
+
+
+def _calibrate(st: Setting) -> None:
+    """Calibration batches (validation texts, no labels) and per-linear input statistics."""
+    if st.calib:
+        return
+    lab = st.lab
+    texts = [e.text for e in lab.task.validation[-st.budget.calib :]]
+    st.batches = [
+        dict(
+            lab.tokenizer(
+                texts[i : i + 16],
+                truncation=True,
+                max_length=st.budget.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(texts), 16)
+    ]
+    with torch.no_grad():
+        st.calib = capture(lab.model, st.batches, names=lab.pruned_names, max_rows=512)
+
+
+def _layer_q(st: Setting, masks, p: float, how: str) -> dict[str, float]:
+    """Per-parameter q: analytical or least squares on linear weights (bias takes its
+    layer's q), DARE's 1-p elsewhere."""
+    _calibrate(st)
+    lab = st.lab
+    q: dict[str, float] = {n: 1.0 - p for n in lab.pruned_names}
+    for n in lab.pruned_names:
+        cs = st.calib.get(n)
+        if cs is None:
+            continue
+        d = lab.delta(n)
+        bias = n.removesuffix(".weight") + ".bias"
+        if how == "analytical":
+            bd = lab.delta(bias) if bias in lab.ft_w else None
+            q[n] = analytical_q(d, cs.xbar, p, bias_delta=bd, name=n)
+        else:
+            try:
+                q[n] = lsq_q(d, masks[n], cs.x, name=n)
+            except Exception:  # kept part anti-correlated: fall back to DARE's scale
+                q[n] = 1.0 - p
+        if bias in q:
+            q[bias] = q[n]
+    return q
+
+
+def _outchange_q(st: Setting, p: float, seed: int) -> float:
+    _calibrate(st)
+    lab = st.lab
+    body = lab.model if lab.arch == "decoder" else lab.model.base_model
+    own = dict(body.named_parameters())
+    full = lab.params
+    deltas = {}
+    for n in lab.pruned_names:
+        short = next(k for k in (n, lab.base_names[n]) if k in own and own[k] is full[n])
+        deltas[short] = lab.delta(n)
+    batches = st.batches[:2]
+    score = output_change_score(body, deltas, p, batches, arch=lab.arch, seeds=(seed,))
+    return search_q_global(score, p, refine=4).q
+
+
+def run_method(st: Setting, method: str, p: float) -> Row:
+    """Evaluate one method at rate p over the mask seeds (one run for deterministic ones).
+
+    A global q (labeled or output change) is searched once, with the mask of the first
+    seed, and used with every seed; per-layer q's are computed for each seed's mask.
+    """
+    lab, t0 = st.lab, time.perf_counter()
+    seeds = st.budget.seeds if method in SEEDED else (0,)
+    choice = method.partition("/")[2]
+    values, qs, nbytes, q_global = [], [], 0, None
+    for seed in seeds:
+        if method == "dare" or method.startswith("darex_q"):
+            masks = lab.dare_masks(p, seed)
+            nbytes = lab.bytes_fp16(masks)
+            if method == "dare":
+                values.append(lab.metric_with(masks, st.test))
+                qs.append(1.0 - p)
+            elif choice in ("labeled", "outchange"):
+                if q_global is None:
+                    q_global = (
+                        search_q_global(lab.q_scorer(masks, p, st.val), p, refine=4).q
+                        if choice == "labeled"
+                        else _outchange_q(st, p, seed)
+                    )
+                values.append(lab.metric_with(masks, st.test, (1.0 - p) / q_global))
+                qs.append(q_global)
+            else:
+                qd = _layer_q(st, masks, p, choice)
+                scaled = {n: _rescale(sd, (1.0 - p) / qd[n]) for n, sd in masks.items()}
+                values.append(lab.metric_with(scaled, st.test))
+                qs.append(sum(qd.values()) / len(qd))
+        else:
+            cn = None
+            if method == "wanda":
+                _calibrate(st)
+                cn = {n: s.col_norm for n, s in st.calib.items()}
+            pruned = lab.prune(method, p, seed, col_norms=cn)
+            nbytes = lab.bytes_fp16(pruned)
+            values.append(lab.metric_with(pruned, st.test))
+    q = sum(qs) / len(qs) if qs else None
+    extra = {"qs": qs} if qs else {}
+    return st.row(
+        method,
+        p,
+        values,
+        seeds,
+        q=q,
+        stored_bytes=nbytes,
+        seconds=time.perf_counter() - t0,
+        extra=extra,
+    )
+
+
+def _rescale(sd, factor: float):
+    from dataclasses import replace
+
+    return replace(sd, values=sd.values.float() * factor, scale=sd.scale * factor)
+
+
+def recommend_row(st: Setting, p: float) -> Row:
+    """What ``recommend()`` picks for this fine-tune at p (labels and calibration at hand)."""
+    rec = recommend(st.lab.stats(), has_labels=True, is_lora=st.spec == "lora", has_calib=True, p=p)
+    method = rec.method.value
+    if method == "darex_q":
+        method = f"darex_q/{rec.params.get('q_method') or 'labeled'}"
+    return st.row("recommend", p, [], (), extra={"pick": method, "reason": rec.reason})
+
+
+# -- drivers -------------------------------------------------------------------------------
+
+
+def run_part(
+    work: Path,
+    base: BaseInfo,
+    task: Task,
+    spec: str,
+    opts: dict[str, Any],
+    budget: Budget,
+    rates: Iterable[float] = RATES,
+    methods: Iterable[str] = METHODS,
+) -> list[Row]:
+    """Fine-tune (or reuse) one spec on one task, then every method at every rate."""
+    work.mkdir(parents=True, exist_ok=True)
+    ft_dir, _ = ensure_finetune(work, base, task, spec, opts, budget.max_length)
+    st = open_setting(base, ft_dir, task, spec, budget)
+    rows = reference_rows(st)
+    append_rows(work, rows)
+    todo = [(p, m) for p in rates for m in methods]
+    for p, m in tqdm(todo, desc=f"{task.name}/{spec}", unit="cell"):
+        row = run_method(st, m, p)
+        append_rows(work, [row])
+        rows.append(row)
+    for p in rates:
+        rows.append(recommend_row(st, p))
+    append_rows(work, rows[-len(list(rates)) :])
+    return rows
+
+
+@dataclass
+class QuickResult:
+    rows: list[Row]
+    seconds: float
+    gain: float  # DAREx-q minus DARE at p = 0.99
+    gap: float  # unpruned minus DAREx-q at p = 0.99
+
+    @property
+    def ok(self) -> bool:
+        return self.gain >= 0.10 and self.gap <= 0.05
+
+
+def quick(work: Path, base: BaseInfo, task: Task, budget: Budget | None = None) -> QuickResult:
+    """The CI reproduction: large-delta fine-tune, DARE vs DAREx-q at p in {0.9, 0.99}."""
+    t0 = time.perf_counter()
+    budget = budget or Budget(test=600, val=200, max_length=64)
+    rows = run_part(
+        work, base, task, "quick", QUICK_SPEC, budget, (0.9, 0.99), ("dare", "darex_q/labeled")
+    )
+    cell = {(r.method, r.p): r for r in rows}
+    unpruned = cell[("unpruned", 0.0)].mean
+    dare99, dx99 = cell[("dare", 0.99)].mean, cell[("darex_q/labeled", 0.99)].mean
+    return QuickResult(rows, time.perf_counter() - t0, dx99 - dare99, unpruned - dx99)

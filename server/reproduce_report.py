@@ -1,0 +1,195 @@
+"""Tables (markdown) and plots (PNG, matplotlib) from the reproduction's result rows.
+
+Plots: one per (base, task, spec) with the metric against the pruning rate per method
+(the unpruned fine-tune and the base as horizontal lines), and one scatter of the q
+each DAREx-q choice picked against the best q found by the labeled search.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.reproduce import METHODS, Row
+
+
+def _key(r: Row) -> tuple[str, str, str]:
+    return (r.base, r.task, r.spec)
+
+
+def _fmt(r: Row | None) -> str:
+    if r is None:
+        return "-"
+    if len(r.values) > 1:
+        return f"{100 * r.mean:.1f} ± {100 * r.std:.1f}"
+    return f"{100 * r.mean:.1f}"
+
+
+def groups(rows: Sequence[Row]) -> dict[tuple[str, str, str], list[Row]]:
+    out: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
+    for r in rows:
+        out[_key(r)].append(r)
+    return dict(sorted(out.items()))
+
+
+def best_method(cells: dict[tuple[str, float], Row], p: float) -> tuple[str, float] | None:
+    scored = [(r.mean, m) for (m, q), r in cells.items() if q == p and m in METHODS]
+    if not scored:
+        return None
+    mean, m = max(scored)
+    return m, mean
+
+
+def table(rows: list[Row]) -> list[str]:
+    """One markdown table: methods as rows, rates as columns (metric x100, mean ± std)."""
+    cells = {(r.method, r.p): r for r in rows}
+    rates = sorted({r.p for r in rows if r.method in METHODS})
+    ref = cells.get(("unpruned", 0.0))
+    base = cells.get(("base", 0.0))
+    lines = []
+    if ref:
+        x = ref.extra
+        lines.append(
+            f"unpruned {_fmt(ref)}, base {_fmt(base)}; delta rms {x.get('rms', 0):.2e}, "
+            f"mean {x.get('mean', 0):+.1e}, spread std/mean(|d|) {x.get('spread', 0):.2f}, "
+            f"base rms {x.get('base_rms') or 0:.3f}"
+        )
+        lines.append("")
+    lines.append("| method | " + " | ".join(f"p={p:g}" for p in rates) + " |")
+    lines.append("|---|" + "---|" * len(rates))
+    for m in METHODS:
+        if not any((m, p) in cells for p in rates):
+            continue
+        lines.append(f"| {m} | " + " | ".join(_fmt(cells.get((m, p))) for p in rates) + " |")
+    qline = []
+    for m in METHODS:
+        if m.startswith("darex_q") and any((m, p) in cells for p in rates):
+            qs = [cells.get((m, p)) for p in rates]
+            qline.append(
+                f"| q {m.partition('/')[2]} | "
+                + " | ".join("-" if r is None or r.q is None else f"{r.q:.4g}" for r in qs)
+                + " |"
+            )
+    lines += qline
+    sizes = [cells.get(("dare", p)) for p in rates]
+    if any(sizes):
+        lines.append(
+            "| stored KiB (dare, fp16) | "
+            + " | ".join("-" if r is None else f"{r.stored_bytes / 1024:.0f}" for r in sizes)
+            + " |"
+        )
+    return lines
+
+
+def recommend_hits(rows: Sequence[Row], tol: float = 0.01) -> tuple[list[str], int, int]:
+    """Per setting: recommend()'s pick, its metric, the best; a hit is within ``tol``."""
+    lines = [
+        "| setting | p | pick | pick's metric | best | best's metric | hit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    hits = total = 0
+    for key, rs in groups(rows).items():
+        cells = {(r.method, r.p): r for r in rs}
+        for r in rs:
+            if r.method != "recommend":
+                continue
+            pick = r.extra.get("pick")
+            best = best_method(cells, r.p)
+            got = cells.get((pick, r.p))
+            if best is None or got is None:
+                continue
+            hit = got.mean >= best[1] - tol
+            hits, total = hits + hit, total + 1
+            lines.append(
+                f"| {'/'.join(key[1:])} | {r.p:g} | {pick} | {100 * got.mean:.1f} | {best[0]} "
+                f"| {100 * best[1]:.1f} | {'yes' if hit else 'no'} |"
+            )
+    return lines, hits, total
+
+
+def plot_rates(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {(r.method, r.p): r for r in rows}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in METHODS:
+        ps = sorted(p for (mm, p) in cells if mm == m)
+        if not ps:
+            continue
+        ys = [100 * cells[(m, p)].mean for p in ps]
+        es = [100 * cells[(m, p)].std for p in ps]
+        ax.errorbar(ps, ys, yerr=es, marker="o", capsize=3, label=m)
+    for m, style in (("unpruned", "--"), ("base", ":")):
+        if (m, 0.0) in cells:
+            ax.axhline(100 * cells[(m, 0.0)].mean, color="gray", linestyle=style, label=m)
+    ax.set_xscale("logit")
+    ax.set_xlabel("pruning rate p")
+    ax.set_ylabel("test metric (x100)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_q(rows: Sequence[Row], path: Path) -> bool:
+    """q picked by each choice vs the labeled search's q (the best on validation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(_key(r), r.method, r.p): r for r in rows}
+    pts: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (k, m, p), r in by.items():
+        best = by.get((k, "darex_q/labeled", p))
+        if m.startswith("darex_q") and m != "darex_q/labeled" and best and r.q and best.q:
+            pts[m].append((best.q, r.q))
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for m, xy in pts.items():
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], label=m)
+    lim = [min(min(x, y) for xy in pts.values() for x, y in xy), 1.0]
+    ax.plot(lim, lim, color="gray", linestyle="--")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("best q (labeled search on validation)")
+    ax.set_ylabel("q chosen")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_plots(rows: Sequence[Row], out: Path, prefix: str = "reproduce") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (base, task, spec), rs in groups(rows).items():
+        path = out / f"{prefix}-{base}-{task}-{spec}.png"
+        plot_rates(rs, path, f"{base} / {task} / {spec}")
+        paths.append(path)
+    qpath = out / f"{prefix}-q.png"
+    if plot_q(rows, qpath):
+        paths.append(qpath)
+    return paths
+
+
+def tables_markdown(rows: Sequence[Row], plots_rel: str = "") -> list[str]:
+    lines: list[str] = []
+    for (base, task, spec), rs in groups(rows).items():
+        lines += [f"### {base} / {task} / {spec}", ""]
+        lines += table(rs)
+        if plots_rel:
+            lines += ["", f"![{task} {spec}]({plots_rel}reproduce-{base}-{task}-{spec}.png)"]
+        lines.append("")
+    hits, n_hit, n = recommend_hits(rows)
+    if n:
+        lines += [f"### recommend() hit rate: {n_hit}/{n} (within 1 point of the best)", ""]
+        lines += [*hits, ""]
+    return lines

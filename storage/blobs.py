@@ -1,0 +1,145 @@
+"""Content-addressed, immutable blobs: ``key = sha256(bytes)``, path ``objects/ab/cdef...``.
+
+A write goes to ``tmp/`` (same filesystem), is fsynced, atomically renamed into
+place and the directory is fsynced, so a reader never sees a partial blob and a
+crash leaves at most a stale temp file. Reads re-hash and raise ``CorruptBlob``.
+Identical bytes are stored once. Only ``delete`` (called by gc) removes a blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.errors import CorruptBlob, StorageError
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+class MissingBlob(StorageError, KeyError):
+    """No blob is stored under this key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing blob"
+
+
+def blob_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_key(key: str) -> str:
+    if not _KEY.match(key):
+        raise ValueError(f"not a blob key (64 lowercase hex digits): {key!r}")
+    return key
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Immutable blobs under ``root/objects``; temp files under ``root/tmp``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        _check_key(key)
+        return self.objects / key[:2] / key[2:]
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError as e:
+            raise MissingBlob(f"blob {key} is not in the store") from e
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` once; returns its key. Re-putting refreshes the mtime (gc grace)."""
+        key = blob_key(data)
+        dst = self.path(key)
+        if dst.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(dst)  # an in-flight ingest uses it: keep it out of gc's grace window
+                return key
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)  # atomic; a concurrent writer of the same key wrote equal bytes
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        _fsync_dir(dst.parent)
+        return key
+
+    def get(self, key: str) -> bytes:
+        """The blob's bytes, re-hashed; ``CorruptBlob`` when they no longer match the key."""
+        try:
+            data = self.path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise MissingBlob(f"blob {key} is not in the store") from e
+        actual = blob_key(data)
+        if actual != key:
+            raise CorruptBlob(f"blob {key} is corrupt: its bytes hash to {actual}")
+        return data
+
+    def verify(self, key: str) -> bool:
+        try:
+            self.get(key)
+        except (CorruptBlob, MissingBlob):
+            return False
+        return True
+
+    def iter_keys(self) -> Iterator[str]:
+        for sub in sorted(self.objects.iterdir()):
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for f in sorted(sub.iterdir()):
+                key = sub.name + f.name
+                if _KEY.match(key):
+                    yield key
+
+    def delete(self, key: str) -> int:
+        """Remove one blob; returns the bytes freed (0 when it was not there)."""
+        p = self.path(key)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def age_s(self, key: str) -> float:
+        return time.time() - self.path(key).stat().st_mtime
+
+    def stale_temps(self, grace_s: float) -> list[Path]:
+        now = time.time()
+        out = []
+        for f in self.tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if now - f.stat().st_mtime >= grace_s:
+                    out.append(f)
+        return out

@@ -1,0 +1,239 @@
+"""Reading fine-tuned checkpoints: safetensors only, lazily, checked against the base.
+
+Accepted: a HF folder (``config.json`` + ``*.safetensors``, sharded index too) or
+one or more ``.safetensors`` files. Pickle formats (``.bin``, ``.pt``, ``.pkl``,
+...) are refused: loading them runs arbitrary code. Tensors are read one at a
+time (memory-mapped), so ingest streams.
+
+Name mapping: a fine-tune may prefix the base's names with its
+``base_model_prefix`` (``bert.encoder...`` in BertForSequenceClassification vs
+``encoder...`` in BertModel) or drop a prefix the base has; the prefix that
+matches most base names is used. Fine-tuned tensors the base lacks are extras.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from storage.errors import BadCheckpoint, BaseMismatch
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Checkpoint:
+    """Lazy view of safetensors files: metadata now, tensor bytes on ``get``."""
+
+    def __init__(self, files: Sequence[Path], config: dict[str, Any] | None = None) -> None:
+        if not files:
+            raise BadCheckpoint("no .safetensors files given")
+        self.files = [Path(f) for f in files]
+        self.config = config or {}
+        self.meta: dict[str, TensorMeta] = {}
+        self._handles: dict[Path, Any] = {}
+        for f in self.files:
+            h = self._open(f)
+            for name in h.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+                if name in self.meta:
+                    first = self.meta[name].file
+                    raise BadCheckpoint(f"tensor {name!r} appears in {first} and {f}")
+                sl = h.get_slice(name)
+                dt = sl.get_dtype()
+                if dt not in _DTYPES:
+                    raise BadCheckpoint(f"{f}: tensor {name!r} has unsupported dtype {dt}")
+                self.meta[name] = TensorMeta(f, _DTYPES[dt], tuple(int(s) for s in sl.get_shape()))
+
+    def _open(self, f: Path) -> Any:
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise BadCheckpoint(f"{f} is not a readable safetensors file: {e}") from e
+        return self._handles[f]
+
+    def names(self) -> list[str]:
+        return list(self.meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.meta
+
+    def get(self, name: str) -> torch.Tensor:
+        m = self.meta[name]
+        try:
+            return self._open(m.file).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise BadCheckpoint(f"{m.file}: tensor {name!r} cannot be read: {e}") from e
+
+    @property
+    def numel(self) -> int:
+        return sum(m.numel for m in self.meta.values())
+
+
+def _refuse_pickle(paths: Iterable[Path]) -> None:
+    for p in paths:
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise BadCheckpoint(
+                f"{p.name}: pickle checkpoints are refused (they can run code when loaded); "
+                "save the model with safetensors (save_pretrained(..., safe_serialization=True))"
+            )
+
+
+def open_checkpoint(path: Path | str | Sequence[Path | str]) -> Checkpoint:
+    """A HF folder, one ``.safetensors`` file, or a list of them."""
+    if isinstance(path, (list, tuple)):
+        files = [Path(p) for p in path]
+        _refuse_pickle(files)
+        bad = [f for f in files if f.suffix != ".safetensors" or not f.is_file()]
+        if bad:
+            raise BadCheckpoint(f"not .safetensors files: {[str(b) for b in bad]}")
+        return Checkpoint(files, _read_config(files[0].parent))
+    p = Path(path)
+    _refuse_pickle([p])
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise BadCheckpoint(f"{p}: expected a .safetensors file or a HF model folder")
+        return Checkpoint([p], _read_config(p.parent))
+    if not p.is_dir():
+        raise BadCheckpoint(f"{p}: no such file or folder")
+    index = p / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BadCheckpoint(f"{index}: not a safetensors index ({e})") from e
+        files = [p / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file() or f.parent != p]
+        if missing:
+            raise BadCheckpoint(f"{index} names missing shards {missing}")
+    else:
+        files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+    if not files:
+        _refuse_pickle(sorted(p.iterdir()))
+        raise BadCheckpoint(f"{p} holds no .safetensors weights")
+    return Checkpoint(files, _read_config(p))
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        out = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise BadCheckpoint(f"{cfg} is not JSON: {e}") from e
+    return out if isinstance(out, dict) else None
+
+
+def read_task(config: dict[str, Any] | None) -> tuple[str, list[str] | None]:
+    """``(task, labels)`` from a HF config: the head named in ``architectures``."""
+    archs = (config or {}).get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        id2label = (config or {}).get("id2label") or {}
+        try:
+            labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        except (TypeError, ValueError) as e:
+            raise BadCheckpoint(f"config id2label keys are not integers: {id2label}") from e
+        return "sequence-classification", labels or None
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm", None
+    return "feature-extraction", None
+
+
+@dataclass
+class Plan:
+    """How a fine-tune lines up with its base."""
+
+    pairs: dict[str, str] = field(default_factory=dict)  # base name -> fine-tune name
+    extras: list[str] = field(default_factory=list)  # fine-tune names the base lacks
+    missing: list[str] = field(default_factory=list)  # base names the fine-tune lacks
+    prefix: str = ""  # how names were mapped, in words
+
+
+def _best_mapping(ft: Iterable[str], base: set[str]) -> tuple[dict[str, str], str]:
+    ft = list(ft)
+    candidates: list[tuple[str, str]] = [("", "")]  # (strip, add)
+    candidates += [(n.split(".", 1)[0] + ".", "") for n in ft if "." in n]
+    candidates += [("", b.split(".", 1)[0] + ".") for b in base if "." in b]
+    best: tuple[int, dict[str, str], str] = (-1, {}, "")
+    for strip, add in dict.fromkeys(candidates):
+        m: dict[str, str] = {}
+        for n in ft:
+            if n in base:
+                m[n] = n
+            elif strip and n.startswith(strip) and n[len(strip) :] in base:
+                m[n] = n[len(strip) :]
+            elif add and add + n in base:
+                m[n] = add + n
+        if len(set(m.values())) < len(m):
+            continue  # two fine-tuned tensors on one base name: not this mapping
+        if len(m) > best[0]:
+            how = f"strip {strip!r}" if strip else f"add {add!r}" if add else "same names"
+            best = (len(m), m, how)
+    return best[1], best[2]
+
+
+def plan_against_base(ft: Checkpoint, base: Checkpoint) -> Plan:
+    """Map names and check shapes/dtypes; raises ``BaseMismatch`` naming the tensor."""
+    mapping, how = _best_mapping(ft.names(), set(base.names()))
+    if not mapping:
+        raise BaseMismatch(
+            f"no tensor of the fine-tune matches the base by name (fine-tune has e.g. "
+            f"{ft.names()[:3]}, base has e.g. {base.names()[:3]}): wrong base?"
+        )
+    plan = Plan(prefix=how)
+    for ft_name, base_name in mapping.items():
+        fm, bm = ft.meta[ft_name], base.meta[base_name]
+        if fm.shape != bm.shape:
+            raise BaseMismatch(
+                f"tensor {ft_name!r}: base {base_name!r} has shape {bm.shape}, "
+                f"fine-tune has {fm.shape}"
+            )
+        if fm.dtype.is_floating_point != bm.dtype.is_floating_point:
+            raise BaseMismatch(
+                f"tensor {ft_name!r}: base dtype {bm.dtype}, fine-tune dtype {fm.dtype}"
+            )
+        plan.pairs[base_name] = ft_name
+    plan.extras = [n for n in ft.names() if n not in mapping]
+    plan.missing = [n for n in base.names() if n not in plan.pairs]
+    if len(plan.missing) * 2 > len(base.meta):
+        raise BaseMismatch(
+            f"the fine-tune lacks {len(plan.missing)} of the base's {len(base.meta)} tensors "
+            f"(e.g. {plan.missing[:3]}): wrong base?"
+        )
+    if plan.missing:
+        log.warning("fine-tune lacks base tensors %s; their delta is zero", plan.missing[:5])
+    return plan

@@ -1,0 +1,308 @@
+"""Ingest: checkpoint -> validate -> recommend -> prune -> encode -> blobs -> manifest -> registry.
+
+Streams tensor by tensor: one base tensor and its fine-tuned counterpart are in
+memory at a time. For every base tensor ``d = W_ft - W_base`` (fp32); tensors the
+selector picks are pruned with ``pruning.methods.prune_tensor``, the others are
+kept as exact deltas (nonzero entries or dense, whichever is smaller; a zero
+delta costs nothing). Tensors the base lacks (a new head) are stored dense.
+
+The registry entry is written last: a failure at any step leaves no entry, and
+the blobs written so far are unreferenced, so ``gc`` removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from pruning.errors import PruningError
+from pruning.methods import prune_tensor
+from pruning.select import Selector, default_patterns
+from storage import codec
+from storage.checkpoint import Checkpoint, open_checkpoint, plan_against_base, read_task
+from storage.errors import BadCheckpoint, BaseMismatch, ModelExists, UnknownModel
+from storage.manifest import BaseRef, Manifest, TensorEntry
+from storage.modelid import validate_model_id
+from storage.store import DeltaStore
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+ENCODING_CHOICES = ("auto", "seed", "explicit", "dense")
+DEFAULT_RATE = 0.99
+
+
+class BaseLike(Protocol):
+    name: str
+    path: Path
+    sha256: str
+    arch: str
+
+
+@dataclass
+class Source:
+    """What to store, as thunks so tensors are read one at a time."""
+
+    kind: str  # "full" or "lora"
+    deltas: dict[str, Callable[[], torch.Tensor]]  # base name -> d (fp32)
+    base_dtypes: dict[str, torch.dtype]
+    extras: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    task: str = "feature-extraction"
+    labels: list[str] | None = None
+    fp16_bytes: int = 0
+
+
+def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
+    plan = plan_against_base(ft, base)
+
+    def delta(bname: str, fname: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            w_ft, w_base = ft.get(fname), base.get(bname)
+            if not w_base.is_floating_point():
+                if not torch.equal(w_ft, w_base):
+                    raise BaseMismatch(f"tensor {fname!r}: integer buffer differs from the base")
+                return torch.zeros(0)
+            _check_finite(w_ft, fname)
+            return w_ft.float() - w_base.float()
+
+        return read
+
+    def extra(fname: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            t = ft.get(fname)
+            _check_finite(t, fname)
+            return t
+
+        return read
+
+    task, labels = read_task(ft.config)
+    return Source(
+        kind="full",
+        deltas={b: delta(b, f) for b, f in plan.pairs.items()},
+        base_dtypes={b: base.meta[b].dtype for b in plan.pairs},
+        extras={f: extra(f) for f in plan.extras if ft.meta[f].dtype.is_floating_point},
+        task=task,
+        labels=labels,
+        fp16_bytes=2 * sum(m.numel for m in ft.meta.values() if m.dtype.is_floating_point),
+    )
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise BadCheckpoint(f"tensor {name!r} holds {bad} NaN/Inf value(s)")
+
+
+def is_lora_adapter(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    model_id: str
+    manifest_key: str
+    manifest: Manifest
+    seconds: float
+
+
+def _recommend(
+    source: Source, selector: Selector, is_lora: bool, p: float
+) -> tuple[str, float | None, str]:
+    """Method, q and reason from ``pruning.recommend`` on the statistics of the pruned deltas."""
+    from pruning.recommend import delta_stats, recommend
+
+    stats = {n: delta_stats(read()) for n, read in source.deltas.items() if selector.matches(n)}
+    stats = {n: s for n, s in stats.items() if s.numel}
+    if not stats:
+        return "dare", None, "nothing to prune"
+    rec = recommend(stats, has_labels=False, is_lora=is_lora, p=p)
+    return str(getattr(rec.method, "value", rec.method)), rec.params.get("q"), rec.reason
+
+
+def _encode_pruned(
+    d: torch.Tensor,
+    name: str,
+    method: str,
+    p: float,
+    q: float | None,
+    seed: int,
+    enc: str,
+    value_dtype: str,
+    col_norm: torch.Tensor | None,
+) -> tuple[bytes, float, str]:
+    sd = prune_tensor(method, d, p, name=name, seed=seed, q=q, col_norm=col_norm)
+    chosen = enc
+    if enc == "auto":
+        chosen = "seed" if sd.mask_seed is not None else "explicit"
+    elif enc == "seed" and sd.mask_seed is None:
+        raise PruningError(f"tensor {name!r}: method {method} draws no seed mask; use explicit")
+    blob = codec.encode_sparse(sd, name, encoding=chosen, value_dtype=value_dtype)  # type: ignore[arg-type]
+    return blob, float(sd.scale), chosen
+
+
+def ingest(
+    store: DeltaStore,
+    model_id: str,
+    path: Path | str | Sequence[Path | str],
+    base: BaseLike,
+    *,
+    method: str | None = None,
+    p: float | None = None,
+    q: float | dict[str, float] | None = None,
+    seed: int = 0,
+    encoding: str = "auto",
+    value_dtype: str = "float16",
+    exact_dtype: str = "float32",
+    selector: Selector | None = None,
+    col_norms: dict[str, torch.Tensor] | None = None,
+    task: str | None = None,
+    labels: list[str] | None = None,
+    replace: bool = False,
+    max_tensors: int = 10_000,
+    progress: Progress | None = None,
+    show_progress: bool = True,
+) -> IngestResult:
+    """Store one fine-tune (full safetensors or PEFT LoRA adapter) under ``model_id``."""
+    t0 = time.perf_counter()
+    validate_model_id(model_id)
+    if encoding not in ENCODING_CHOICES:
+        raise ValueError(f"encoding must be one of {ENCODING_CHOICES}, got {encoding!r}")
+    if not replace:
+        try:
+            store.registry.get_model(model_id)
+        except UnknownModel:
+            pass
+        else:
+            raise ModelExists(f"model {model_id!r} is already registered")
+    report = progress or (lambda _f, _m: None)
+    report(0.0, "validating")
+    base_ckpt = open_checkpoint(base.path)
+    lora = not isinstance(path, (list, tuple)) and is_lora_adapter(Path(path))
+    if lora:
+        from storage.lora_ingest import lora_source  # needs ingest.Source
+
+        source = lora_source(Path(path), base_ckpt)
+    else:
+        ft = open_checkpoint(path)
+        if len(ft.meta) > max_tensors:
+            raise BadCheckpoint(f"checkpoint has {len(ft.meta)} tensors, at most {max_tensors}")
+        source = _full_source(ft, base_ckpt)
+    selector = selector or default_patterns(base.arch)
+    rate = DEFAULT_RATE if p is None else float(p)
+    reason = "given"
+    if method is None:
+        report(0.02, "choosing a method")
+        method, rec_q, reason = _recommend(source, selector, lora, rate)
+        q = q if q is not None else rec_q
+    log.info(
+        "ingest %s: %s p=%s q=%s (%s)",
+        model_id,
+        method,
+        rate,
+        q,
+        reason,
+        extra={"model_id": model_id},
+    )
+
+    deltas: dict[str, TensorEntry] = {}
+    extras: dict[str, TensorEntry] = {}
+    total = len(source.deltas) + len(source.extras)
+    bar = tqdm(total=total, desc=f"ingest {model_id}", unit="tensor", disable=not show_progress)
+    done = 0
+    for name, read in source.deltas.items():
+        d = read()
+        dtype = codec.dtype_name(source.base_dtypes[name])
+        if d.numel() == 0:  # an integer buffer equal to the base
+            pass
+        elif selector.matches(name):
+            tq = q.get(name) if isinstance(q, dict) else q
+            cn = (col_norms or {}).get(name)
+            blob, scale, enc = _encode_pruned(
+                d, name, method, rate, tq, seed, encoding, value_dtype, cn
+            )
+            key = store.blobs.put(blob)
+            h, _ = codec.read_header(blob)
+            deltas[name] = TensorEntry(
+                key=key,
+                shape=tuple(d.shape),
+                dtype=dtype,
+                encoding=enc,
+                value_dtype=value_dtype,
+                nnz=h["nnz"],
+                nbytes=len(blob),
+                pruned=True,
+                scale=scale,
+            )
+        else:
+            blob = codec.encode_exact(d, name, value_dtype=exact_dtype)
+            if blob is not None:
+                h, _ = codec.read_header(blob)
+                deltas[name] = TensorEntry(
+                    key=store.blobs.put(blob),
+                    shape=tuple(d.shape),
+                    dtype=dtype,
+                    encoding=h["encoding"],
+                    value_dtype=exact_dtype,
+                    nnz=h["nnz"],
+                    nbytes=len(blob),
+                    pruned=False,
+                )
+        done += 1
+        bar.update(1)
+        report(0.05 + 0.9 * done / max(total, 1), f"delta {name}")
+    for name, read in source.extras.items():
+        t = read()
+        blob = codec.encode_dense(t, name)
+        extras[name] = TensorEntry(
+            key=store.blobs.put(blob),
+            shape=tuple(t.shape),
+            dtype=codec.dtype_name(t.dtype),
+            encoding="dense",
+            value_dtype=codec.dtype_name(t.dtype),
+            nnz=t.numel(),
+            nbytes=len(blob),
+            pruned=False,
+        )
+        done += 1
+        bar.update(1)
+        report(0.05 + 0.9 * done / max(total, 1), f"extra {name}")
+    bar.close()
+
+    src_task, src_labels = source.task, source.labels
+    manifest = Manifest(
+        base=BaseRef(name=base.name, sha256=base.sha256),
+        task=task or src_task,  # type: ignore[arg-type]
+        labels=labels if labels is not None else src_labels,
+        source=source.kind,  # type: ignore[arg-type]
+        method=method,
+        p=rate,
+        q=q,
+        seed=seed,
+        reason=reason,
+        deltas=deltas,
+        extras=extras,
+        fp16_bytes=source.fp16_bytes,
+        tensor_bytes=sum({e.key: e.nbytes for e in [*deltas.values(), *extras.values()]}.values()),
+    )
+    report(0.97, "registering")
+    key = store.register(model_id, manifest, replace=replace)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "ingested %s: %d deltas, %d extras, ratio 1/%.1f, %.2fs",
+        model_id,
+        len(deltas),
+        len(extras),
+        1 / manifest.ratio if manifest.ratio else math.inf,
+        seconds,
+        extra={"model_id": model_id},
+    )
+    report(1.0, "done")
+    return IngestResult(model_id, key, manifest, seconds)

@@ -1,0 +1,138 @@
+"""The Redis registry backend (``redis://``), shared by replicas.
+
+Keys (``prefix`` defaults to ``darex``)::
+
+    <prefix>:models           hash  model_id -> manifest key
+    <prefix>:models:version   int   INCR on every model change
+    <prefix>:models:changed   pubsub channel, publishes the new version
+    <prefix>:job:<id>         hash  job fields, expires after a week
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import redis
+
+from storage.errors import ModelExists, RegistryUnavailable, UnknownJob, UnknownModel
+from storage.registry import JOB_TTL_S, Job, JobState, Registry, _job_fields
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _redis_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as e:
+            raise RegistryUnavailable(f"Redis registry failed in {fn.__name__}: {e}") from e
+
+    return wrapper
+
+
+class RedisRegistry(Registry):
+    def __init__(self, url: str, *, prefix: str = "darex", timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._r = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+        )
+        self._models = f"{prefix}:models"
+        self._version = f"{prefix}:models:version"
+        self.channel = f"{prefix}:models:changed"
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    @_redis_errors
+    def set_model(self, model_id: str, manifest_key: str, *, replace: bool = False) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        if replace:
+            pipe.hset(self._models, model_id, manifest_key)
+        else:
+            pipe.hsetnx(self._models, model_id, manifest_key)
+        pipe.incr(self._version)
+        added, version = pipe.execute()
+        if not replace and not added:
+            raise ModelExists(f"model {model_id!r} is already registered")
+        self._r.publish(self.channel, version)
+
+    @_redis_errors
+    def get_model(self, model_id: str) -> str:
+        key = self._r.hget(self._models, model_id)
+        if key is None:
+            raise UnknownModel(f"model {model_id!r} is not registered")
+        return str(key)
+
+    @_redis_errors
+    def delete_model(self, model_id: str) -> bool:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hdel(self._models, model_id)
+        pipe.incr(self._version)
+        n, version = pipe.execute()
+        self._r.publish(self.channel, version)
+        return bool(n)
+
+    @_redis_errors
+    def list_models(self) -> dict[str, str]:
+        return dict(sorted(self._r.hgetall(self._models).items()))
+
+    @_redis_errors
+    def version(self) -> int:
+        return int(self._r.get(self._version) or 0)
+
+    @_redis_errors
+    def create_job(self, model_id: str, message: str = "") -> Job:
+        now = time.time()
+        job = Job(id=uuid.uuid4().hex, model_id=model_id, message=message, created=now, updated=now)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(self._job(job.id), mapping=_to_redis(job.model_dump()))
+        pipe.expire(self._job(job.id), JOB_TTL_S)
+        pipe.execute()
+        return job
+
+    @_redis_errors
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        state: JobState | None = None,
+        progress: float | None = None,
+        message: str | None = None,
+        error: str | None = None,
+    ) -> Job:
+        if not self._r.exists(self._job(job_id)):
+            raise UnknownJob(f"job {job_id!r} does not exist")
+        fields = _job_fields(state, progress, message, error)
+        self._r.hset(self._job(job_id), mapping=_to_redis(fields))
+        return self.get_job(job_id)
+
+    @_redis_errors
+    def get_job(self, job_id: str) -> Job:
+        raw = self._r.hgetall(self._job(job_id))
+        if not raw:
+            raise UnknownJob(f"job {job_id!r} does not exist")
+        if raw.get("error") == "":
+            raw["error"] = None
+        return Job.model_validate(raw)
+
+    @_redis_errors
+    def ping(self) -> bool:
+        return bool(self._r.ping())
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def _to_redis(fields: dict[str, object]) -> dict[str, str | float]:
+    return {k: ("" if v is None else v) for k, v in fields.items()}  # type: ignore[misc]

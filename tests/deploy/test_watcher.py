@@ -1,0 +1,102 @@
+"""RegistryWatcher against a real redis-server: deletes and replaces are seen, outages reported."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.errors import NotReady
+from server.replicas import RegistryWatcher
+from storage.registry import open_registry
+
+pytestmark = pytest.mark.redis
+
+
+class Retired:
+    """Collects the ids the watcher retires (what the scheduler's ``retire`` would receive)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def __call__(self, model_id: str) -> None:
+        self.ids.append(model_id)
+
+
+def test_delete_and_replace_elsewhere_retire_here(redis_server) -> None:
+    mine, theirs = open_registry(redis_server.url), open_registry(redis_server.url)
+    theirs.set_model("a", "key-a")
+    theirs.set_model("b", "key-b")
+    retired = Retired()
+    w = RegistryWatcher(mine, retired, ttl_s=0.1)
+
+    async def scenario() -> None:
+        assert not w.ready
+        with pytest.raises(NotReady, match="not been reached"):
+            w.require_ready()
+        assert await w.poll_once() == []  # first snapshot retires nothing
+        assert w.ready and w.snapshot == {"a": "key-a", "b": "key-b"}
+        theirs.set_model("c", "key-c")  # a new upload needs nothing
+        assert await w.poll_once() == []
+        theirs.delete_model("a")
+        theirs.set_model("b", "key-b2", replace=True)
+        assert await w.poll_once() == ["a", "b"]
+        assert await w.poll_once() == []  # unchanged version: nothing more
+
+    asyncio.run(scenario())
+    assert retired.ids == ["a", "b"]
+
+
+def test_outage_is_reported_and_recovers(redis_server) -> None:
+    reg = open_registry(redis_server.url)
+    reg.set_model("a", "key-a")
+    reg.set_model("b", "key-b")
+    retired, dropped = Retired(), Retired()
+    w = RegistryWatcher(reg, retired, drop=dropped, ttl_s=0.1)
+
+    async def scenario() -> None:
+        await w.poll_once()
+        assert w.ready
+        redis_server.stop()
+        await w.poll_once()
+        assert not w.ready
+        assert dropped.ids == ["a", "b"]  # cached copies can no longer be vouched for
+        await w.poll_once()
+        assert dropped.ids == ["a", "b"]  # once per outage
+        with pytest.raises(NotReady, match="registry is unreachable"):
+            w.require_ready()
+        # Redis comes back empty (no persistence in this test): the model is gone there,
+        # so after the resync this replica must not serve its cached copy.
+        redis_server.start()
+        assert await w.poll_once() == ["a", "b"]
+        assert w.ready
+        w.require_ready()
+
+    asyncio.run(scenario())
+    assert retired.ids == ["a", "b"]
+
+
+def test_run_loop_wakes_on_published_change(redis_server) -> None:
+    mine, theirs = open_registry(redis_server.url), open_registry(redis_server.url)
+    theirs.set_model("a", "key-a")
+    retired = Retired()
+    w = RegistryWatcher(mine, retired, ttl_s=30.0)  # polling alone would take 30 s
+
+    async def scenario() -> float:
+        w.start()
+        for _ in range(100):
+            if w.ready:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # the listener subscribes
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.to_thread(theirs.delete_model, "a")
+        while not retired.ids and loop.time() - t0 < 5:
+            await asyncio.sleep(0.02)
+        await w.stop()
+        return loop.time() - t0
+
+    took = asyncio.run(scenario())
+    assert retired.ids == ["a"]
+    assert took < 2.0, f"pubsub wake-up took {took:.2f}s"

@@ -1,0 +1,73 @@
+"""``darex demo --no-serve`` on the tiny BERT: fine-tunes, stores at p = 0.99, reuses on rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import server.cli.lab  # noqa: F401  (registers the commands)
+from server.cli import app
+from server.demo import EVAL_FILE
+from server.training import RESULT_FILE
+from storage.registry import open_registry
+from storage.store import DeltaStore
+
+runner = CliRunner()
+TASKS = ("rt-sentiment", "rt-subjectivity")
+
+
+def _demo(base: Path) -> str:
+    args = ["demo", "--base", str(base), "--steps", "3", "--train", "48", "--eval", "24"]
+    for t in TASKS:
+        args += ["--task", t]
+    res = runner.invoke(app, [*args, "--no-serve"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res.output
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DAREX_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("DAREX_REGISTRY_URL", raising=False)
+    return tmp_path
+
+
+def test_demo_builds_stores_and_reuses(tiny_bert_dir: Path, data_dir: Path) -> None:
+    out = _demo(tiny_bert_dir)
+    store = DeltaStore(data_dir, open_registry(f"sqlite:///{data_dir / 'registry.sqlite3'}"))
+    try:
+        keys, stamps = {}, {}
+        for t in TASKS:
+            model_id = f"demo-{t}"
+            m = store.manifest(model_id)
+            keys[t] = store.registry.get_model(model_id)
+            assert m.p == 0.99 and m.method  # stored with the recommended method
+            # 99% of the pruned entries dropped: far smaller than the fp16 checkpoint
+            pruned = [e for e in m.deltas.values() if e.pruned]
+            assert pruned and sum(e.nnz for e in pruned) < 0.02 * sum(
+                e.shape[0] * (e.shape[1] if len(e.shape) > 1 else 1) for e in pruned
+            )
+            assert m.stored_bytes() < m.fp16_bytes / 10
+            row = json.loads((data_dir / "demo" / tiny_bert_dir.name / t / EVAL_FILE).read_text())
+            assert 0.0 <= row["unpruned"] <= 1.0 and 0.0 <= row["stored"] <= 1.0
+            assert row["manifest_key"] == keys[t]
+            stamps[t] = (data_dir / "demo" / tiny_bert_dir.name / t / RESULT_FILE).stat().st_mtime
+            # working request lines for every model
+            assert f"/v1/classify" in out and f'"model": "{model_id}"' in out
+        assert "(reused)" not in out
+    finally:
+        store.close()
+
+    again = _demo(tiny_bert_dir)
+    assert again.count("(reused)") == len(TASKS)
+    store = DeltaStore(data_dir, open_registry(f"sqlite:///{data_dir / 'registry.sqlite3'}"))
+    try:
+        for t in TASKS:
+            assert store.registry.get_model(f"demo-{t}") == keys[t]  # not re-ingested
+            path = data_dir / "demo" / tiny_bert_dir.name / t / RESULT_FILE
+            assert path.stat().st_mtime == stamps[t]  # not re-trained
+    finally:
+        store.close()

@@ -1,0 +1,106 @@
+"""AdamR: equals Adam at reg = 0, shrinks the delta at reg > 0, works with transformers' Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pruning.adamr import AdamR
+
+
+def _problem(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    x = torch.randn(64, 8)
+    y = torch.randn(64, 2)
+    return net, x, y
+
+
+def _train(net: nn.Module, opt: torch.optim.Optimizer, x, y, steps: int) -> list[torch.Tensor]:
+    snaps = []
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        snaps.append(torch.cat([p.detach().flatten().clone() for p in net.parameters()]))
+    return snaps
+
+
+@pytest.mark.parametrize("foreach", [False, None])
+def test_reg_zero_matches_adam_step_for_step(foreach: bool | None) -> None:
+    net_a, x, y = _problem()
+    net_b, _, _ = _problem()
+    a = _train(net_a, AdamR(net_a.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-7), x, y, 25)
+    adam = torch.optim.Adam(
+        net_b.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, foreach=foreach
+    )
+    b = _train(net_b, adam, x, y, 25)
+    for sa, sb in zip(a, b, strict=True):
+        if foreach is False:  # same arithmetic as the single-tensor Adam: bit-exact
+            assert torch.equal(sa, sb)
+        else:
+            assert torch.allclose(sa, sb, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_reg_shrinks_the_delta_norm(norm: str) -> None:
+    norms = {}
+    for reg in (0.0, 0.05):
+        net, x, y = _problem()
+        ref = [p.detach().clone() for p in net.parameters()]
+        _train(net, AdamR(net.parameters(), lr=1e-2, reg=reg, norm=norm), x, y, 100)
+        pairs = zip(net.parameters(), ref, strict=True)
+        norms[reg] = sum(float((p.detach() - r).norm() ** 2) for p, r in pairs) ** 0.5
+    assert norms[0.05] < 0.8 * norms[0.0], norms
+
+
+def test_explicit_reference_pulls_toward_it() -> None:
+    net, x, y = _problem()
+    target = [torch.zeros_like(p) for p in net.parameters()]
+    opt = AdamR(net.parameters(), lr=1e-3, reg=1e3, reference=target)
+    _train(net, opt, x, y, 5)
+    # with a huge reg the L2 pull factor is capped at 1: every step lands on the
+    # reference, then one Adam step of size ~lr moves away from it
+    for p in net.parameters():
+        assert float(p.abs().max()) < 2e-3
+
+
+def test_bad_arguments() -> None:
+    net, _, _ = _problem()
+    with pytest.raises(ValueError, match="norm"):
+        AdamR(net.parameters(), norm="l3")
+    with pytest.raises(ValueError, match="reference has 1 tensors"):
+        AdamR(net.parameters(), reference=[torch.zeros(1)])
+
+
+def test_works_as_the_optimizer_of_transformers_trainer(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    class Reg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": nn.functional.mse_loss(self.lin(x).squeeze(-1), labels)}
+
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(16)]
+    model = Reg()
+    w0 = model.lin.weight.detach().clone()
+    opt = AdamR(model.parameters(), lr=1e-2, reg=0.01)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    out = trainer.train()
+    assert out.global_step == 4
+    assert not torch.equal(model.lin.weight.detach(), w0)
+    assert int(opt.state[model.lin.weight]["step"]) == 4

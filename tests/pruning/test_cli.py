@@ -1,0 +1,196 @@
+"""``darex inspect`` and ``darex prune`` on tiny real models; the output loads with transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import server.cli.prune  # noqa: F401  (registers the commands)
+from pruning.sparse import keep_mask
+from server.cli import app
+
+runner = CliRunner()
+
+
+def _finetune(src: Path, dst: Path, rms: float, seed: int = 1) -> Path:
+    """A synthetic full fine-tune: every float tensor plus Gaussian noise."""
+    shutil.copytree(src, dst)
+    sd = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        k: (v + torch.randn(v.shape, generator=g) * rms).to(v.dtype) if v.is_floating_point() else v
+        for k, v in sd.items()
+    }
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bert_ft(tiny_bert_dir, tmp_path_factory) -> Path:
+    return _finetune(tiny_bert_dir, tmp_path_factory.mktemp("ft") / "bert-ft", 5e-3)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    lines = [f"sample sentence number {i} about movies and food" for i in range(24)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _run(*args: str) -> str:
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res.output
+
+
+def test_inspect_prints_stats_and_recommendation(tiny_bert_dir, bert_ft) -> None:
+    out = _run("inspect", tiny_bert_dir, bert_ft, "--limit", "0")
+    assert "pooler.dense.bias" in out  # a per-tensor row
+    assert "pruned tensors: 39" in out  # encoder default: every float tensor
+    assert "recommended:" in out
+
+
+def _changed_only_where_kept(base_dir: Path, out_dir: Path, p: float, seed: int) -> int:
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(base_dir).state_dict()
+    pruned = AutoModel.from_pretrained(out_dir).state_dict()
+    n_changed = 0
+    for name, w in pruned.items():
+        if not w.is_floating_point():
+            continue
+        changed = (w != base[name]).reshape(-1)
+        mask = keep_mask(seed, name, p, w.numel())
+        assert not bool((changed & ~mask).any()), name
+        n_changed += int(changed.sum())
+    return n_changed
+
+
+def test_prune_dare_output_loads_and_differs_only_where_kept(tiny_bert_dir, bert_ft, tmp_path):
+    out = tmp_path / "out"
+    text = _run("prune", tiny_bert_dir, bert_ft, "--rate", "0.9", "--seed", "3", "--out", out)
+    assert "kept" in text
+    n = _changed_only_where_kept(tiny_bert_dir, out, 0.9, 3)
+    total = sum(v.numel() for v in load_file(tiny_bert_dir / "model.safetensors").values())
+    assert 0.05 * total < n < 0.15 * total
+    summary = json.loads((out / "darex_prune.json").read_text())
+    some = summary["tensors"]["encoder.layer.1.output.dense.weight"]
+    assert some["scale"] == pytest.approx(10.0)
+    # the kept values are the DARE-rescaled delta
+    ft = load_file(bert_ft / "model.safetensors")
+    base = load_file(tiny_bert_dir / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    name = "encoder.layer.1.output.dense.weight"
+    mask = keep_mask(3, name, 0.9, ft[name].numel()).view(ft[name].shape)
+    expect = base[name] + (ft[name] - base[name]) * mask * 10.0
+    assert torch.allclose(got[name], expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("q", ["auto", "analytical", "0.2"])
+def test_prune_darex_q_with_calibration(tiny_bert_dir, bert_ft, calib_file, tmp_path, q) -> None:
+    out = tmp_path / "out"
+    _run(
+        "prune",
+        tiny_bert_dir,
+        bert_ft,
+        "--method",
+        "darex_q",
+        "--rate",
+        "0.9",
+        "--q",
+        q,
+        "--calib",
+        calib_file,
+        "--out",
+        out,
+    )
+    assert _changed_only_where_kept(tiny_bert_dir, out, 0.9, 0) > 0
+    scales = {
+        k: v["scale"]
+        for k, v in json.loads((out / "darex_prune.json").read_text())["tensors"].items()
+    }
+    lin = scales["encoder.layer.0.attention.self.query.weight"]
+    if q == "0.2":
+        assert lin == pytest.approx(5.0)
+    elif q == "analytical":
+        assert 1.0 < lin <= 10.0 + 1e-9  # q in [1-p, 1)
+    else:
+        assert lin > 0 and lin != pytest.approx(10.0)
+    if q != "0.2":  # per-layer q: tensors without calibration inputs keep 1-p
+        assert scales["embeddings.LayerNorm.weight"] == pytest.approx(10.0)
+
+
+def test_prune_wanda_and_decoder_defaults(tiny_llama_dir, calib_file, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ft = _finetune(tiny_llama_dir, tmp_path / "llama-ft", 5e-3)
+    out = tmp_path / "out"
+    _run(
+        "prune",
+        tiny_llama_dir,
+        ft,
+        "--method",
+        "wanda",
+        "--rate",
+        "0.75",
+        "--calib",
+        calib_file,
+        "--out",
+        out,
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    ftw = load_file(ft / "model.safetensors")
+    sd = model.state_dict()
+    # decoder default: norms and embeddings are exact fine-tuned values, q_proj is 25% dense
+    assert torch.equal(sd["model.norm.weight"], ftw["model.norm.weight"])
+    assert torch.equal(sd["model.embed_tokens.weight"], ftw["model.embed_tokens.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    changed = sd[q] != base[q]
+    assert bool((changed.sum(1) <= round(0.25 * changed.shape[1])).all())  # WANDA per row
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_prune_bad_inputs(tiny_bert_dir, tiny_llama_dir, bert_ft, tmp_path) -> None:
+    res = runner.invoke(
+        app,
+        ["prune", str(tiny_bert_dir), str(bert_ft), "--rate", "1.0", "--out", str(tmp_path / "o")],
+    )
+    assert res.exit_code != 0 and "[0, 1)" in res.output
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(bert_ft / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not really")
+    res = runner.invoke(
+        app, ["prune", str(tiny_bert_dir), str(pickled), "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 1 and "pickle" in res.output
+    res = runner.invoke(app, ["inspect", str(tiny_bert_dir), str(tiny_llama_dir)])
+    assert res.exit_code == 1
+    bad = _finetune(tiny_bert_dir, tmp_path / "nan-ft", 1e-3)
+    sd = load_file(bad / "model.safetensors")
+    sd["encoder.layer.1.output.dense.weight"][0, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    res = runner.invoke(app, ["prune", str(tiny_bert_dir), str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "encoder.layer.1.output.dense.weight" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tiny_bert_dir),
+            str(bert_ft),
+            "--method",
+            "wanda",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code != 0 and "--calib" in res.output

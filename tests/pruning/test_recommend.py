@@ -1,0 +1,66 @@
+"""The selection pipeline: statistics are right, and each regime picks the documented method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning.methods import Method
+from pruning.recommend import delta_stats, merge_stats, recommend
+
+
+def _gauss(rms: float, n: int = 20_000, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * rms
+
+
+def test_delta_stats_and_merge() -> None:
+    a, b = _gauss(1e-3, 5000), _gauss(4e-3, 3000, seed=1) + 1e-3
+    sa, sb, sab = delta_stats(a), delta_stats(b), delta_stats(torch.cat([a, b]))
+    m = merge_stats([sa, sb])
+    for field in ("numel", "mean_abs", "std_abs", "rms", "mean", "max_abs"):
+        assert getattr(m, field) == pytest.approx(getattr(sab, field), rel=1e-9), field
+    assert sa.spread == pytest.approx(0.756, abs=0.03)  # |N(0,1)|: sqrt(1-2/pi)/sqrt(2/pi)
+    w = torch.full((10,), 0.1)
+    assert delta_stats(a[:10], base=w).base_rms == pytest.approx(0.1)
+
+
+def test_small_delta_takes_dare_even_with_labels() -> None:
+    rec = recommend(delta_stats(_gauss(2e-3)), has_labels=True, is_lora=False)
+    assert rec.method is Method.dare and rec.params["p"] == 0.99 and rec.params["q"] is None
+    assert "small" in rec.reason
+
+
+def test_moderate_delta_takes_darex_q_when_q_can_be_chosen() -> None:
+    s = delta_stats(_gauss(6e-3))
+    rec = recommend(s, has_labels=True, is_lora=False)
+    assert rec.method is Method.darex_q and rec.params["q_method"] == "labeled"
+    rec = recommend(s, has_labels=False, is_lora=False, has_calib=True)
+    assert rec.method is Method.darex_q and rec.params["q_method"] == "lsq"
+    rec = recommend(s, has_labels=False, is_lora=False)
+    assert rec.method is Method.dare and "no labels" in rec.reason
+    # a lower rate makes the same delta small
+    assert recommend(s, has_labels=True, is_lora=False, p=0.5).method is Method.dare
+
+
+def test_large_or_heavy_tailed_delta_takes_an_importance_method() -> None:
+    big = delta_stats(_gauss(3e-2))
+    assert recommend(big, has_labels=True, is_lora=False).method is Method.magnitude
+    rec = recommend(big, has_labels=False, is_lora=False, has_calib=True)
+    assert rec.method is Method.wanda and "large" in rec.reason
+    spiky = torch.zeros(20_000)
+    spiky[::500] = 0.02  # few big entries, small rms
+    s = delta_stats(spiky)
+    assert s.spread > 3
+    assert recommend(s, has_labels=False, is_lora=False).method is Method.magnitude
+    # the base's own scale decides: the same delta is small next to big weights
+    s_base = delta_stats(_gauss(3e-2), base=torch.ones(10))
+    assert recommend(s_base, has_labels=False, is_lora=False).method is Method.dare
+
+
+def test_lora_per_layer_mapping_and_adamr() -> None:
+    per_layer = {"a": delta_stats(_gauss(1e-2)), "b": delta_stats(_gauss(1e-2, seed=2))}
+    rec = recommend(per_layer, has_labels=True, is_lora=True)
+    assert rec.method is Method.darex_q and "LoRA" in rec.reason
+    rec = recommend(per_layer, has_labels=False, is_lora=False, controls_finetune=True)
+    assert rec.method is Method.dare and rec.params["optimizer"] == "adamr"
+    assert rec.params["norm"] == "l2" and rec.params["reg"] > 0

@@ -1,0 +1,241 @@
+"""The HTTP app on a real store and a real Engine over the tiny models: admin, errors, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from server.api import create_app
+from server.engine import Engine
+from server.generation import encode_prompt
+from storage.bases import resolve_base
+from storage.registry import open_registry
+from storage.store import DeltaStore
+from tests.server.finetunes import (
+    multipart_files,
+    reference_generate,
+    save_causal_finetune,
+    save_classifier_finetune,
+)
+from tests.server.live import ADMIN_TOKEN, make_settings
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def wait_job(client: TestClient | httpx.Client, job_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/admin/jobs/{job_id}", headers=AUTH).json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job)
+
+
+def upload(client, folder: Path, model_id: str, **fields) -> dict:
+    data = {"model_id": model_id, **{k: str(v) for k, v in fields.items()}}
+    r = client.post("/admin/models", headers=AUTH, data=data, files=multipart_files(folder))
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"type", "message"}
+    for w in words:
+        assert w in err["message"], (w, err["message"])
+    assert "Traceback" not in r.text
+    return err
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, tiny_llama_dir: Path) -> Iterator[TestClient]:
+    data = tmp_path_factory.mktemp("api-llama")
+    app = create_app(make_settings(data, str(tiny_llama_dir), max_upload_bytes=20 << 20))
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def llama_ft(tmp_path_factory, tiny_llama_dir: Path) -> Path:
+    return save_causal_finetune(tiny_llama_dir, tmp_path_factory.mktemp("ft-llama"), seed=5)
+
+
+def test_health_ready_and_models(llama: TestClient) -> None:
+    assert llama.get("/healthz").json() == {"status": "ok"}
+    r = llama.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["registry"] == "ok"
+    base_id = llama.app.state.darex.base_id
+    assert llama.get("/v1/models").json()["data"][0]["id"] == base_id
+
+
+def test_upload_serve_inspect_delete(llama: TestClient, llama_ft: Path, tiny_llama_dir) -> None:
+    acc = upload(llama, llama_ft, "ft-up", method="dare", rate=0.5)
+    job = wait_job(llama, acc["job_id"])
+    assert job["state"] == "done", job
+    assert job["progress"] == 1.0
+
+    info = llama.get("/admin/models/ft-up", headers=AUTH).json()
+    assert info["method"] == "dare" and info["p"] == 0.5 and info["task"] == "causal-lm"
+    assert 0 < info["ratio_vs_fp16"] < 1 and info["stored_bytes"] > 0
+    assert "ft-up" in [m["id"] for m in llama.get("/v1/models").json()["data"]]
+
+    body = {"model": "ft-up", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
+    got = llama.post("/v1/completions", json=body).json()
+    st = llama.app.state.darex
+    direct = Engine.load(st.base, st.store, st.settings)  # the engine used directly
+    direct.activate("ft-up")
+    ids = encode_prompt(direct.tokenizer, "hello world")
+    assert got["choices"][0]["text"] == reference_generate(direct.model, direct.tokenizer, ids, 8)
+    direct.activate(None)
+    base_text = reference_generate(direct.model, direct.tokenizer, ids, 8)
+    assert got["choices"][0]["text"] != base_text
+    assert got["usage"]["prompt_tokens"] == len(ids)
+
+    r = llama.delete("/admin/models/ft-up", headers=AUTH)
+    assert r.status_code == 200 and r.json()["deleted"]
+    assert_error(llama.post("/v1/completions", json=body), 404, "ft-up")
+    assert_error(llama.get("/admin/models/ft-up", headers=AUTH), 404)
+
+
+def test_admin_needs_the_token(llama: TestClient, llama_ft: Path) -> None:
+    r = llama.get("/admin/jobs/x")
+    assert_error(r, 401, "missing")
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert_error(llama.get("/admin/jobs/x", headers={"Authorization": "Bearer nope"}), 401, "wrong")
+    r = llama.post("/admin/models", data={"model_id": "m"}, files=multipart_files(llama_ft))
+    assert_error(r, 401)
+
+
+def test_upload_over_the_limit_is_413(llama: TestClient, llama_ft: Path) -> None:
+    st = llama.app.state.darex
+    saved = st.settings
+    st.settings = saved.model_copy(update={"max_upload_bytes": 10_000})
+    try:
+        r = llama.post(
+            "/admin/models", headers=AUTH, data={"model_id": "big"}, files=multipart_files(llama_ft)
+        )
+    finally:
+        st.settings = saved
+    assert_error(r, 413, "10000")
+    assert not list((st.settings.data_dir / "uploads").iterdir())  # partial upload removed
+
+
+def test_checkpoint_of_another_shape_is_422_naming_the_tensor(llama, tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    r = llama.post(
+        "/admin/models", headers=AUTH, data={"model_id": "odd"}, files=multipart_files(tmp_path)
+    )
+    err = assert_error(r, 422, "mlp", "(64, 128)", "(64, 96)")
+    assert err["code"] == "base_mismatch"
+
+
+def test_pickle_and_bad_fields_are_422(llama: TestClient, llama_ft: Path) -> None:
+    pick = [("files", ("pytorch_model.bin", b"\x80\x04junk"))]
+    r = llama.post("/admin/models", headers=AUTH, data={"model_id": "p"}, files=pick)
+    assert_error(r, 422, "pickle")
+    files = multipart_files(llama_ft)
+    r = llama.post("/admin/models", headers=AUTH, data={"model_id": "x", "rate": "2"}, files=files)
+    assert assert_error(r, 422, "rate")["param"] == "rate"
+    r = llama.post("/admin/models", headers=AUTH, data={"model_id": "../x"}, files=files)
+    assert_error(r, 422, "..")
+
+
+def test_payload_errors_name_the_field(llama: TestClient) -> None:
+    base_id = llama.app.state.darex.base_id
+    r = llama.post("/v1/completions", json={"model": base_id, "prompt": "x", "temperature": 5})
+    assert assert_error(r, 422, "temperature")["param"] == "temperature"
+    r = llama.post("/v1/completions", json={"prompt": "x"})
+    assert assert_error(r, 422, "model", "required")["param"] == "model"
+    r = llama.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_error(r, 422)
+    r = llama.post("/v1/completions", json={"model": base_id, "prompt": "x", "max_tokens": 10**6})
+    assert_error(r, 422, "max_tokens")
+    r = llama.post("/v1/completions", json={"model": "nobody", "prompt": "x"})
+    err = assert_error(r, 404, "nobody")
+    assert err["type"] == "not_found_error" and err["request_id"]
+    r = llama.post("/v1/classify", json={"model": base_id, "input": "x"})
+    assert_error(r, 422, "causal-lm", "/v1/classify")
+    assert_error(llama.get("/admin/jobs/nope", headers=AUTH), 404)
+
+
+def test_metrics_count_requests_swaps_and_cache(llama: TestClient) -> None:
+    base_id = llama.app.state.darex.base_id
+    llama.post("/v1/completions", json={"model": base_id, "prompt": "x", "max_tokens": 2})
+    text = llama.get("/metrics").text
+    assert (
+        f'darex_requests_total{{endpoint="/v1/completions",model="{base_id}",status="200"}}' in text
+    )
+    assert "darex_request_seconds_bucket" in text
+    for name in (
+        "darex_swap_seconds",
+        "darex_cache_hits_total",
+        "darex_cache_bytes",
+        "darex_queue_depth",
+    ):
+        assert name in text, name
+
+
+def test_classify_upload_matches_the_engine(tmp_path_factory, tiny_bert_dir: Path) -> None:
+    data = tmp_path_factory.mktemp("api-bert")
+    ft = save_classifier_finetune(tiny_bert_dir, tmp_path_factory.mktemp("ft-bert"), seed=6)
+    app = create_app(make_settings(data, str(tiny_bert_dir)))
+    texts = ["great movie", "it was fine I guess", "awful"]
+    with TestClient(app) as client:
+        job = wait_job(client, upload(client, ft, "sent", method="dare", rate=0.9)["job_id"])
+        assert job["state"] == "done", job
+        r = client.post("/v1/classify", json={"model": "sent", "input": texts})
+        assert r.status_code == 200, r.text
+        st = app.state.darex
+        direct = Engine.load(st.base, st.store, st.settings)
+        direct.activate("sent")
+        expect = direct.classify(texts)
+    out = r.json()["data"]
+    assert [d["index"] for d in out] == [0, 1, 2]
+    got = [[d["scores"][lab] for lab in ("negative", "neutral", "positive")] for d in out]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=1e-5, rtol=0)
+    assert all(d["label"] == max(d["scores"], key=d["scores"].get) for d in out)
+
+
+def test_registry_down_is_503(tmp_path, tiny_llama_dir: Path) -> None:
+    settings = make_settings(tmp_path, str(tiny_llama_dir))
+    registry = open_registry(settings.registry)
+    store = DeltaStore(tmp_path, registry)
+    app = create_app(settings, store=store, base=resolve_base(str(tiny_llama_dir), tmp_path))
+    with TestClient(app) as client:
+        registry.close()  # the registry goes away under a running server
+        assert_error(client.post("/v1/completions", json={"model": "m", "prompt": "x"}), 503)
+        assert client.get("/readyz").status_code == 503
+        assert_error(client.get("/admin/models/m", headers=AUTH), 503)
+
+
+def test_refuses_to_start_with_the_default_token(tmp_path, tiny_llama_dir: Path) -> None:
+    from server.settings import DEFAULT_ADMIN_TOKEN, Settings
+
+    settings = Settings(env="production", data_dir=tmp_path, base=str(tiny_llama_dir))
+    assert settings.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN
+    with pytest.raises(ValueError, match="DAREX_ADMIN_TOKEN"), TestClient(create_app(settings)):
+        pass
+    dev = settings.model_copy(update={"env": "development"})
+    with TestClient(create_app(dev)) as client:
+        assert client.get("/readyz").status_code == 200

@@ -1,0 +1,218 @@
+"""Engine: flat buffer, swap exactness, merged-checkpoint equivalence, heads by reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_util import base_state, merged_state, random_finetune, save_merged
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertForSequenceClassification,
+)
+
+from server.deltas import MemorySource
+from server.engine import Engine
+from server.errors import WrongTask
+from storage.errors import UnknownModel
+
+TEXTS = ["the cat sat on the mat", "a much longer sentence about serving many fine-tunes at once"]
+LM_MODELS = {"ft-a": (1, 0.9), "ft-b": (2, 0.9), "ft-c": (3, 0.5), "ft-a2": (1, 0.99)}
+
+
+def _engine(model_dir: Path, kind: str, source: MemorySource, **kw) -> Engine:
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    model = auto.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return Engine(model, tok, kind=kind, source=source, device="cpu", dtype="float32", **kw)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama_dir: Path):
+    base = base_state(tiny_llama_dir)
+    src = MemorySource()
+    fts = {}
+    for mid, (seed, p) in LM_MODELS.items():
+        fts[mid] = random_finetune(base, seed=seed, p=p)
+        src.add_sparse(mid, fts[mid], task="causal-lm")
+    eng = _engine(tiny_llama_dir, "causal-lm", src)
+    yield eng, base, fts
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_bert_dir: Path):
+    base = base_state(tiny_bert_dir)
+    src = MemorySource()
+    g = torch.Generator().manual_seed(7)
+    heads = {}
+    for i, (mid, labels) in enumerate({"sst": ["neg", "pos"], "nli": ["e", "n", "c"]}.items()):
+        ft = random_finetune(base, seed=10 + i, p=0.9)
+        heads[mid] = {
+            "classifier.weight": torch.randn(len(labels), 64, generator=g),
+            "classifier.bias": torch.randn(len(labels), generator=g),
+        }
+        src.add_sparse(mid, ft, extras=heads[mid], task="sequence-classification", labels=labels)
+        heads[mid]["_ft"] = ft  # type: ignore[assignment]
+    src.add_sparse("emb", random_finetune(base, seed=20, p=0.9), task="feature-extraction")
+    eng = _engine(tiny_bert_dir, "encoder", src)
+    yield eng, base, heads
+    eng.close()
+
+
+def test_parameters_are_views_of_one_buffer_tied_once(lm) -> None:
+    eng, base, _ = lm
+    m = eng.model
+    unique = {id(p): p for p in m.parameters()}
+    assert eng.buf.numel() == sum(p.numel() for p in unique.values())
+    lo, hi = eng.buf.data_ptr(), eng.buf.data_ptr() + eng.buf.numel() * 4
+    assert all(lo <= p.data_ptr() < hi for p in unique.values())
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    assert eng.slots["lm_head.weight"] == eng.slots["model.embed_tokens.weight"]
+    sd = m.state_dict()
+    for k, v in base.items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_activate_reports_change_and_base_aliases(lm) -> None:
+    eng, _, _ = lm
+    eng.restore()
+    assert eng.activate(None) is False
+    assert eng.activate(eng.base_name) is False
+    assert eng.activate("ft-a") is True and eng.active == "ft-a"
+    assert eng.activate("ft-a") is False
+    assert eng.activate(eng.base_name) is True and eng.active is None
+    assert eng.base_fingerprint() == eng.loaded_fingerprint
+
+
+def test_unknown_model_changes_nothing(lm) -> None:
+    eng, _, _ = lm
+    eng.activate("ft-b")
+    fp = eng.base_fingerprint()
+    with pytest.raises(UnknownModel):
+        eng.activate("nope")
+    assert eng.active == "ft-b" and eng.base_fingerprint() == fp
+    eng.restore()
+
+
+def test_causal_lm_equals_merged_checkpoint(lm, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    eng, base, fts = lm
+    enc = eng.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    for mid in ("ft-c", "ft-a", "ft-b"):  # each switch restores the previous one first
+        merged = save_merged(tiny_llama_dir, tmp_path / mid, merged_state(base, fts[mid]))
+        ref = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+        eng.activate(mid)
+        sd = eng.model.state_dict()
+        for k, v in ref.state_dict().items():
+            assert torch.equal(sd[k], v), f"{mid}: {k} differs from the merged checkpoint"
+        with torch.inference_mode():
+            got = eng.model(**enc).logits
+            want = ref(**enc).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    eng.restore()
+    assert eng.base_fingerprint() == eng.loaded_fingerprint
+
+
+def test_classifier_equals_merged_checkpoint(bert, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    eng, base, heads = bert
+    tok = eng.tokenizer
+    for mid, labels in (("sst", ["neg", "pos"]), ("nli", ["e", "n", "c"]), ("sst", None)):
+        h = heads[mid]
+        cfg = {
+            "architectures": ["BertForSequenceClassification"],
+            "id2label": dict(enumerate(eng.labels_of(mid))),
+            "label2id": {lab: i for i, lab in enumerate(eng.labels_of(mid))},
+        }
+        extras = {
+            "classifier.weight": h["classifier.weight"],
+            "classifier.bias": h["classifier.bias"],
+        }
+        merged = save_merged(
+            tiny_bert_dir,
+            tmp_path / mid,
+            merged_state(base, h["_ft"]),
+            prefix="bert.",
+            extras=extras,
+            config_update=cfg,
+        )
+        ref = BertForSequenceClassification.from_pretrained(str(merged)).eval()
+        eng.activate(mid)
+        assert eng.task_of(mid) == "sequence-classification"
+        if labels is not None:
+            assert eng.labels_of(mid) == labels
+        # the head is the cached tensor itself, not a copy
+        cached = eng.cache.device_tier.items[mid].extras["classifier.weight"]
+        assert eng.head is not None and eng.head.weight.data_ptr() == cached.data_ptr()
+        got = torch.tensor(eng.classify(TEXTS))
+        with torch.inference_mode():
+            want = torch.softmax(ref(**tok(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    eng.restore()
+    assert eng.head is None
+    with pytest.raises(WrongTask):
+        eng.classify(TEXTS)
+    assert eng.base_fingerprint() == eng.loaded_fingerprint
+
+
+def test_embed_is_masked_mean_of_last_hidden(bert) -> None:
+    eng, _, _ = bert
+    eng.activate("emb")
+    assert eng.task_of("emb") == "feature-extraction" and eng.task_of(None) == "feature-extraction"
+    got = torch.tensor(eng.embed(TEXTS))
+    enc = eng.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        h = eng.model(**enc).last_hidden_state
+    for i in range(len(TEXTS)):
+        n = int(enc["attention_mask"][i].sum())
+        torch.testing.assert_close(got[i], h[i, :n].mean(0), rtol=1e-5, atol=1e-6)
+    eng.restore()
+
+
+@pytest.mark.parametrize(("impl", "examples", "least"), [("numba", 25, 1000), ("torch", 6, 200)])
+def test_random_swaps_restore_base_bit_exactly(lm, impl: str, examples: int, least: int) -> None:
+    """Thousands of random activations: each step the buffer is exactly base + delta(active)."""
+    eng, _, _ = lm
+    eng.restore()
+    eng.kernel = impl
+    base_flat = eng.buf.clone()
+    expected = {None: base_flat}
+    for mid in LM_MODELS:
+        rd = eng.cache.get(mid)
+        expected[mid] = base_flat.clone().index_add_(0, rd.idx, rd.val)
+    ids = [None, eng.base_name, *LM_MODELS]
+    total = [0]
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.sampled_from(ids), min_size=30, max_size=80))
+    def run(seq: list[str | None]) -> None:
+        for mid in seq:
+            eng.activate(mid)
+            total[0] += 1
+            key = None if mid == eng.base_name else mid
+            assert eng.active == key
+            assert torch.equal(eng.buf, expected[key])
+        eng.restore()
+        assert eng.base_fingerprint() == eng.loaded_fingerprint
+
+    try:
+        run()
+    finally:
+        eng.kernel = "numba"
+        eng.restore()
+    assert total[0] >= least
+
+
+def test_forget_drops_cache_and_restores(lm) -> None:
+    eng, _, _ = lm
+    eng.activate("ft-a2")
+    eng.forget("ft-a2")
+    assert eng.active is None and eng.base_fingerprint() == eng.loaded_fingerprint
+    st_ = eng.cache_stats()
+    assert "ft-a2" not in st_["device"]["entries"] and "ft-a2" not in st_["host"]["entries"]
+    eng.activate("ft-a2")  # reloads from the source
+    eng.restore()

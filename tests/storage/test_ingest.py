@@ -1,0 +1,366 @@
+"""Ingest of real (tiny) transformers fine-tunes: validation, pruning, storage, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pruning.sparse import kept_indices
+from storage.bases import resolve_base
+from storage.errors import BadCheckpoint, BaseMismatch, InvalidModelId, ModelExists
+from storage.ingest import ingest
+from storage.modelid import validate_model_id
+from storage.store import DeltaStore
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("ingest_worker.py")
+
+
+def add_noise(model: torch.nn.Module, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def bert_ft(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BertForSequenceClassification fine-tune of the tiny base (names prefixed 'bert.')."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig.from_pretrained(tiny_bert_dir)
+    cfg.num_labels, cfg.id2label = 3, {0: "neg", 1: "neutral", 2: "pos"}
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    cfg.architectures = ["BertForSequenceClassification"]
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, config=cfg).eval()
+    add_noise(model, 1e-3, seed=1)
+    out = tmp_path_factory.mktemp("bert-ft")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_ft(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    add_noise(model, 1e-3, seed=2)
+    with torch.no_grad():  # a fine-tune that leaves the final norm untouched
+        model.model.norm.weight.copy_(
+            LlamaForCausalLM.from_pretrained(tiny_llama_dir).model.norm.weight
+        )
+    out = tmp_path_factory.mktemp("llama-ft")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DeltaStore:
+    return DeltaStore(tmp_path / "data")
+
+
+def base_of(folder: Path, store: DeltaStore):
+    return resolve_base(str(folder), store.root)
+
+
+def test_full_finetune_roundtrip_reproduces_the_model(bert_ft, tiny_bert_dir, store) -> None:
+    """p=0 keeps every entry: base + stored delta (fp32) + extras gives the fine-tune's logits."""
+    from transformers import BertForSequenceClassification
+
+    base = base_of(tiny_bert_dir, store)
+    seen: list[float] = []
+    res = ingest(
+        store,
+        "cls-exact",
+        bert_ft,
+        base,
+        method="dare",
+        p=0.0,
+        value_dtype="float32",
+        progress=lambda f, _m: seen.append(f),
+        show_progress=False,
+    )
+    m = store.manifest("cls-exact")
+    assert m == res.manifest
+    assert (m.task, m.labels, m.source) == (
+        "sequence-classification",
+        ["neg", "neutral", "pos"],
+        "full",
+    )
+    assert not any(k.startswith("bert.") for k in m.deltas)  # keyed by the base's own names
+    assert set(m.extras) == {"classifier.weight", "classifier.bias"}
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+
+    base_sd = load_file(next(tiny_bert_dir.glob("*.safetensors")))
+    state = {}
+    for name, entry in m.deltas.items():
+        w = base_sd[name].clone().flatten()
+        dd = store.load_delta(entry)
+        w.index_add_(0, dd.indices, dd.values.float())
+        state["bert." + name] = w.view(base_sd[name].shape)
+    for name, entry in m.extras.items():
+        state[name] = store.load_dense(entry)
+    ft = BertForSequenceClassification.from_pretrained(bert_ft).eval()
+    rebuilt = BertForSequenceClassification.from_pretrained(bert_ft).eval()
+    rebuilt.load_state_dict(state, strict=False)
+    ids = torch.randint(0, 30000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, ft(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_dare_delta_is_the_seed_mask_rescaled(bert_ft, tiny_bert_dir, store) -> None:
+    base = base_of(tiny_bert_dir, store)
+    m = ingest(
+        store, "cls-99", bert_ft, base, method="dare", p=0.9, seed=5, show_progress=False
+    ).manifest
+    name = "encoder.layer.1.intermediate.dense.weight"
+    entry = m.deltas[name]
+    assert (entry.encoding, entry.pruned) == ("seed", True)
+    assert entry.scale == pytest.approx(10.0)
+    dd = store.load_delta(entry)
+    assert torch.equal(dd.indices, kept_indices(5, name, 0.9, 128 * 64))
+    d = (
+        load_file(next(bert_ft.glob("*.safetensors")))["bert." + name]
+        - load_file(next(tiny_bert_dir.glob("*.safetensors")))[name]
+    ).flatten()
+    torch.testing.assert_close(dd.values.float(), (d[dd.indices] * 10).half().float())
+    assert 1 / 12 < m.ratio < 1 / 8  # ~10% of the entries, fp16 values, no indices
+
+
+def test_decoder_keeps_norms_and_embeddings_exact(llama_ft, tiny_llama_dir, store) -> None:
+    base = base_of(tiny_llama_dir, store)
+    m = ingest(store, "lm", llama_ft, base, method="dare", p=0.99, show_progress=False).manifest
+    assert m.task == "causal-lm" and m.extras == {}
+    q = m.deltas["model.layers.0.self_attn.q_proj.weight"]
+    assert q.pruned and q.encoding == "seed"
+    emb = m.deltas["model.embed_tokens.weight"]
+    assert not emb.pruned and emb.value_dtype == "float32"
+    assert "model.norm.weight" not in m.deltas  # an unchanged tensor costs nothing
+    base_sd = load_file(next(tiny_llama_dir.glob("*.safetensors")))
+    ft_sd = load_file(next(llama_ft.glob("*.safetensors")))
+    name = "model.layers.1.input_layernorm.weight"
+    dd = store.load_delta(m.deltas[name])
+    assert torch.equal(dd.to_dense(), ft_sd[name] - base_sd[name])
+
+
+def _copy_ckpt(src: Path, dst: Path, edit) -> Path:
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    sd = load_file(next(src.glob("*.safetensors")))
+    edit(sd)
+    save_file(sd, dst / "model.safetensors")
+    return dst
+
+
+def test_shape_mismatch_names_tensor_and_shapes(bert_ft, tiny_bert_dir, store, tmp_path) -> None:
+    name = "bert.encoder.layer.0.output.dense.weight"
+    bad = _copy_ckpt(bert_ft, tmp_path / "bad", lambda sd: sd.update({name: torch.zeros(64, 100)}))
+    with pytest.raises(BaseMismatch, match=r"output\.dense\.weight.*\(64, 128\).*\(64, 100\)"):
+        ingest(
+            store,
+            "bad",
+            bad,
+            base_of(tiny_bert_dir, store),
+            method="dare",
+            p=0.9,
+            show_progress=False,
+        )
+    assert store.models() == {}
+
+
+def test_wrong_base_is_refused(llama_ft, tiny_bert_dir, store) -> None:
+    with pytest.raises(BaseMismatch, match="wrong base"):
+        ingest(
+            store,
+            "x",
+            llama_ft,
+            base_of(tiny_bert_dir, store),
+            method="dare",
+            p=0.9,
+            show_progress=False,
+        )
+
+
+def test_pickle_checkpoints_are_refused(bert_ft, tiny_bert_dir, store, tmp_path) -> None:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((bert_ft / "config.json").read_text())
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    for target in (folder, folder / "pytorch_model.bin"):
+        with pytest.raises(BadCheckpoint, match="pickle"):
+            ingest(
+                store,
+                "p",
+                target,
+                base_of(tiny_bert_dir, store),
+                method="dare",
+                p=0.9,
+                show_progress=False,
+            )
+
+
+def test_failure_midway_leaves_no_entry_and_gc_cleans(bert_ft, tiny_bert_dir, store, tmp_path):
+    def poison(sd):  # the new head is stored last: every delta blob is written before it fails
+        sd["classifier.weight"][0, 0] = float("nan")
+
+    bad = _copy_ckpt(bert_ft, tmp_path / "nan", poison)
+    with pytest.raises(BadCheckpoint, match=r"classifier\.weight.*NaN"):
+        ingest(
+            store,
+            "nan",
+            bad,
+            base_of(tiny_bert_dir, store),
+            method="dare",
+            p=0.9,
+            show_progress=False,
+        )
+    assert store.models() == {}
+    orphans = list(store.blobs.iter_keys())
+    assert len(orphans) > 30
+    assert store.verify().ok
+    assert store.gc(grace_s=3600).deleted == 0  # young blobs may belong to an ingest in flight
+    report = store.gc(grace_s=0)
+    assert report.deleted == len(orphans) and list(store.blobs.iter_keys()) == []
+
+
+def test_existing_id_needs_replace(bert_ft, tiny_bert_dir, store) -> None:
+    base = base_of(tiny_bert_dir, store)
+    ingest(store, "dup", bert_ft, base, method="dare", p=0.9, show_progress=False)
+    with pytest.raises(ModelExists):
+        ingest(store, "dup", bert_ft, base, method="magnitude", p=0.9, show_progress=False)
+    ingest(
+        store, "dup", bert_ft, base, method="magnitude", p=0.9, replace=True, show_progress=False
+    )
+    m = store.manifest("dup")
+    assert m.method == "magnitude"
+    assert {e.encoding for e in m.deltas.values()} == {"explicit"}
+    assert store.gc(grace_s=0).deleted > 0  # the replaced manifest's seed blobs
+    assert store.verify().ok
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "a/b",
+        "a\\b",
+        "..",
+        "a..b",
+        "../etc",
+        "-lead",
+        ".hidden",
+        "x" * 129,
+        "sp ace",
+        "é",
+        "a\nb",
+        "a;b",
+    ],
+)
+def test_invalid_model_ids(bad: str) -> None:
+    with pytest.raises(InvalidModelId):
+        validate_model_id(bad)
+
+
+@pytest.mark.parametrize("good", ["sst2", "cola-v1.2", "org:model_7", "A" * 128, "0"])
+def test_valid_model_ids(good: str) -> None:
+    assert validate_model_id(good) == good
+
+
+def _worker(data_dir: Path, model_id: str, ckpt: Path, base: Path, delay: float = 0.0):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(data_dir), model_id, str(ckpt), str(base), str(delay)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def test_sigkill_mid_ingest_leaves_a_store_verify_passes_and_gc_cleans(
+    bert_ft, tiny_bert_dir, tmp_path
+) -> None:
+    data = tmp_path / "data"
+    store = DeltaStore(data)
+    base = base_of(tiny_bert_dir, store)  # hash cached before the race
+    ingest(store, "keep", bert_ft, base, method="dare", p=0.99, show_progress=False)
+    kept = set(store.blobs.iter_keys())
+    proc = _worker(data, "victim", bert_ft, tiny_bert_dir, delay=0.05)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if line.startswith("progress") and float(line.split()[1]) > 0.4:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert set(store.models()) == {"keep"}
+    assert len(set(store.blobs.iter_keys()) - kept) > 5  # it did write blobs
+    assert store.verify().ok
+    store.gc(grace_s=0)
+    assert set(store.blobs.iter_keys()) == kept
+    assert not any((data / "tmp").iterdir())
+    assert store.verify().ok
+
+
+def test_two_concurrent_ingests_store_each_blob_once(bert_ft, tiny_bert_dir, tmp_path) -> None:
+    data = tmp_path / "data"
+    store = DeltaStore(data)
+    base_of(tiny_bert_dir, store)
+    procs = [_worker(data, mid, bert_ft, tiny_bert_dir) for mid in ("twin-a", "twin-b")]
+    for p in procs:
+        _out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    a, b = store.manifest("twin-a"), store.manifest("twin-b")
+    assert a.keys() == b.keys()  # deterministic encoding: the same bytes, the same keys
+    files = [f for f in (data / "objects").rglob("*") if f.is_file()]
+    mkeys = {store.registry.get_model("twin-a"), store.registry.get_model("twin-b")}
+    assert len(files) == len(a.keys() | mkeys)
+    assert store.verify().ok
+
+
+def test_lora_adapter_is_stored_as_ba_scaled(tiny_llama_dir, store, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    m = ingest(
+        store,
+        "lora",
+        tmp_path / "adapter",
+        base_of(tiny_llama_dir, store),
+        method="dare",
+        p=0.5,
+        value_dtype="float32",
+        show_progress=False,
+    ).manifest
+    assert (m.source, m.task) == ("lora", "causal-lm")
+    assert len(m.deltas) == 4 and all("q_proj" in k or "v_proj" in k for k in m.deltas)
+    merged = peft_model.merge_and_unload().state_dict()
+    base_sd = load_file(next(tiny_llama_dir.glob("*.safetensors")))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    d = (merged[name] - base_sd[name]).flatten()
+    dd = store.load_delta(m.deltas[name])
+    torch.testing.assert_close(dd.values * 0.5, d[dd.indices], atol=1e-6, rtol=1e-4)
+
+
+def test_without_a_method_the_recommended_one_is_used(bert_ft, tiny_bert_dir, store) -> None:
+    m = ingest(
+        store, "auto", bert_ft, base_of(tiny_bert_dir, store), p=0.9, show_progress=False
+    ).manifest
+    assert m.method in {"dare", "magnitude"} and "delta" in m.reason
+    assert store.verify().ok
