@@ -20,13 +20,15 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+# Run from bench/, the script's folder shadows the standard library (bench/http.py):
+# put the repository root in its place.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
-from pruning.delta import compute_delta
-from pruning.methods import Method, prune_tensor
+from pruning.delta import compute_delta  # noqa: E402
+from pruning.methods import Method, prune_tensor  # noqa: E402
 
 
 def rss_bytes() -> int:

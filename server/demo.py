@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from server.reproduce_lab import Lab, by_length, open_lab
+from server.reproduce_lab import Lab, by_length, open_lab, slug
 from server.training import RESULT_FILE, finetune
 from storage.bases import BaseInfo
 from storage.errors import UnknownModel
@@ -64,13 +63,14 @@ def default_tasks(base: BaseInfo) -> tuple[str, ...]:
     return DECODER_TASKS if base.arch == "decoder" else ENCODER_TASKS
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "base"
+def demo_dir(data_dir: Path, base: BaseInfo, task: str) -> Path:
+    """Where the demo fine-tune of ``task`` on ``base`` is cached."""
+    return Path(data_dir) / "demo" / slug(base.name) / task
 
 
 def demo_finetune(data_dir: Path, base: BaseInfo, task: str, budget: DemoBudget) -> Path:
     """The cached demo fine-tune, trained when missing or made on another base."""
-    out = Path(data_dir) / "demo" / _slug(base.name) / task
+    out = demo_dir(data_dir, base, task)
     rec = out / RESULT_FILE
     if rec.is_file() and json.loads(rec.read_text()).get("base_sha256") == base.sha256:
         return out

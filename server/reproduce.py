@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from pruning.calib import capture
 from pruning.q import analytical_q, lsq_q, output_change_score, search_q_global
 from pruning.recommend import recommend
-from server.reproduce_lab import Lab, by_length, mean_std, open_lab
+from server.reproduce_lab import Lab, by_length, mean_std, open_lab, slug
 from server.training import RESULT_FILE, finetune
 from storage.bases import BaseInfo
 from storage.tasks import Task
@@ -112,11 +111,6 @@ def read_rows(work: Path) -> list[Row]:
                 r = Row(**json.loads(line))
                 cells[(r.base, r.task, r.spec, r.method, r.p)] = r
     return list(cells.values())
-
-
-def slug(name: str) -> str:
-    """A catalog name as is; a folder path as its last part (a safe directory name)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or name).strip("-") or "base"
 
 
 def ensure_finetune(

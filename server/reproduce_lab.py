@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,11 @@ Pruned = dict[str, SparseDelta]  # parameter name -> sparse delta (values rescal
 def by_length(exs: Sequence[Example]) -> list[Example]:
     """Examples sorted by text length: batches pad less, the metric is order-free."""
     return sorted(exs, key=lambda e: len(e.text))
+
+
+def slug(name: str) -> str:
+    """A catalog name as is; a folder path as its last part (a safe directory name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or name).strip("-") or "base"
 
 
 def _base_tensors(base: BaseInfo) -> dict[str, torch.Tensor]:

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 import server.cli.lab  # noqa: F401  (registers the commands)
 from server.cli import app
-from server.demo import EVAL_FILE
+from server.demo import EVAL_FILE, demo_dir
 from server.training import RESULT_FILE
+from storage.bases import resolve_base
 from storage.registry import open_registry
 from storage.store import DeltaStore
 
@@ -37,6 +38,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_demo_builds_stores_and_reuses(tiny_bert_dir: Path, data_dir: Path) -> None:
     out = _demo(tiny_bert_dir)
+    base = resolve_base(tiny_bert_dir, data_dir)
     store = DeltaStore(data_dir, open_registry(f"sqlite:///{data_dir / 'registry.sqlite3'}"))
     try:
         keys, stamps = {}, {}
@@ -51,12 +53,12 @@ def test_demo_builds_stores_and_reuses(tiny_bert_dir: Path, data_dir: Path) -> N
                 e.shape[0] * (e.shape[1] if len(e.shape) > 1 else 1) for e in pruned
             )
             assert m.stored_bytes() < m.fp16_bytes / 10
-            row = json.loads((data_dir / "demo" / tiny_bert_dir.name / t / EVAL_FILE).read_text())
+            row = json.loads((demo_dir(data_dir, base, t) / EVAL_FILE).read_text())
             assert 0.0 <= row["unpruned"] <= 1.0 and 0.0 <= row["stored"] <= 1.0
             assert row["manifest_key"] == keys[t]
-            stamps[t] = (data_dir / "demo" / tiny_bert_dir.name / t / RESULT_FILE).stat().st_mtime
+            stamps[t] = (demo_dir(data_dir, base, t) / RESULT_FILE).stat().st_mtime
             # working request lines for every model
-            assert f"/v1/classify" in out and f'"model": "{model_id}"' in out
+            assert "/v1/classify" in out and f'"model": "{model_id}"' in out
         assert "(reused)" not in out
     finally:
         store.close()
@@ -67,7 +69,7 @@ def test_demo_builds_stores_and_reuses(tiny_bert_dir: Path, data_dir: Path) -> N
     try:
         for t in TASKS:
             assert store.registry.get_model(f"demo-{t}") == keys[t]  # not re-ingested
-            path = data_dir / "demo" / tiny_bert_dir.name / t / RESULT_FILE
+            path = demo_dir(data_dir, base, t) / RESULT_FILE
             assert path.stat().st_mtime == stamps[t]  # not re-trained
     finally:
         store.close()
