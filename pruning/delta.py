@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pruning.errors import NonFiniteDelta, ShapeMismatch
+from pruning.methods import all_finite
 
 
 def check_names(base: set[str] | list[str], finetuned: set[str] | list[str]) -> None:
@@ -34,7 +35,7 @@ def compute_delta(
     if not w_base.is_floating_point():
         raise ShapeMismatch(f"tensor {name!r}: integer tensor ({w_base.dtype}) has no delta")
     for side, w in (("base", w_base), ("fine-tuned", w_ft)):
-        if not bool(torch.isfinite(w.sum(dtype=torch.float64))):  # NaN/Inf propagate; no copy
+        if not all_finite(w):
             bad = int((~torch.isfinite(w)).sum())
             raise NonFiniteDelta(f"tensor {name!r}: {side} weight holds {bad} NaN/Inf value(s)")
     return (w_ft.float() - w_base.to(device=w_ft.device).float()).to(dtype)

@@ -58,13 +58,21 @@ def check_q(q: float, name: str) -> float:
     return q
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``, checked in chunks (no full-size temporary)."""
+    flat = t.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[a : a + CHUNK]).all()) for a in range(0, flat.numel(), CHUNK)
+    )
+
+
 def check_delta(d: torch.Tensor, name: str) -> None:
     """Raise unless ``d`` is a finite floating tensor."""
     if not isinstance(d, torch.Tensor):
         raise PruningError(f"tensor {name!r}: expected a torch.Tensor, got {type(d).__name__}")
     if not d.is_floating_point():
         raise PruningError(f"tensor {name!r}: expected a floating delta, got dtype {d.dtype}")
-    if not bool(torch.isfinite(d.sum(dtype=torch.float64))):  # NaN/Inf propagate; no copy
+    if not all_finite(d):
         bad = int((~torch.isfinite(d)).sum())
         raise NonFiniteDelta(f"tensor {name!r}: delta holds {bad} NaN/Inf value(s)")
 
@@ -213,10 +221,13 @@ def wanda(
         if k == cols:
             idx = torch.arange(d.numel(), device=d.device)
         else:
-            score = d.abs().float() * norm[None, :]  # (out, in)
-            col_idx = torch.topk(score, k, dim=1, sorted=False).indices  # (out, k)
-            base = torch.arange(rows, device=d.device)[:, None] * cols
-            idx = torch.sort((col_idx + base).reshape(-1)).values
+            parts, block = [], max(1, CHUNK // cols)  # rows scored per step
+            for r0 in range(0, rows, block):
+                score = d[r0 : r0 + block].abs().float() * norm[None, :]  # (block, in)
+                col_idx = torch.topk(score, k, dim=1, sorted=False).indices  # (block, k)
+                base = torch.arange(r0, r0 + score.shape[0], device=d.device)[:, None] * cols
+                parts.append((col_idx + base).reshape(-1))
+            idx = torch.sort(torch.cat(parts)).values
     else:
         raise PruningError(f"tensor {name!r}: wanda per must be 'row' or 'tensor', got {per!r}")
     return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, None)

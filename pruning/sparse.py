@@ -84,7 +84,7 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def hash32(counter: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
-    """Counter-based 32-bit hash of int64 ``counter`` (values in [0, 2**63)), as int64 in [0, 2**32)."""
+    """Counter-based 32-bit hash of int64 ``counter`` (in [0, 2**63)), as int64 in [0, 2**32)."""
     lo = counter & _M32
     hi = counter >> 32
     h = _fmix32(lo ^ key[0])

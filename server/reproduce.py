@@ -114,14 +114,20 @@ def read_rows(work: Path) -> list[Row]:
 
 
 def ensure_finetune(
-    work: Path, base: BaseInfo, task: Task, spec: str, opts: dict[str, Any], max_length: int
+    work: Path,
+    base: BaseInfo,
+    task: Task,
+    spec: str,
+    opts: dict[str, Any],
+    max_length: int,
+    max_eval: int = 200,
 ) -> tuple[Path, dict[str, Any]]:
     """The cached fine-tune ``work/<base>/<task>/<spec>``, trained when missing."""
     out = work / slug(base.name) / task.name / spec
     rec = out / RESULT_FILE
     if not rec.is_file():
         log.info("fine-tuning %s/%s/%s", base.name, task.name, spec, extra={"model_id": spec})
-        finetune(base, task, out, max_eval=200, max_length=max_length, **opts)
+        finetune(base, task, out, max_eval=max_eval, max_length=max_length, **opts)
     return out, json.loads(rec.read_text())
 
 
@@ -328,7 +334,7 @@ def run_part(
 ) -> list[Row]:
     """Fine-tune (or reuse) one spec on one task, then every method at every rate."""
     work.mkdir(parents=True, exist_ok=True)
-    ft_dir, _ = ensure_finetune(work, base, task, spec, opts, budget.max_length)
+    ft_dir, _ = ensure_finetune(work, base, task, spec, opts, budget.max_length, budget.val)
     st = open_setting(base, ft_dir, task, spec, budget)
     rows = reference_rows(st)
     append_rows(work, rows)
@@ -358,7 +364,7 @@ class QuickResult:
 def quick(work: Path, base: BaseInfo, task: Task, budget: Budget | None = None) -> QuickResult:
     """The CI reproduction: large-delta fine-tune, DARE vs DAREx-q at p in {0.9, 0.99}."""
     t0 = time.perf_counter()
-    budget = budget or Budget(test=600, val=200, max_length=64)
+    budget = budget or Budget(test=500, val=150, max_length=64)
     rows = run_part(
         work, base, task, "quick", QUICK_SPEC, budget, (0.9, 0.99), ("dare", "darex_q/labeled")
     )

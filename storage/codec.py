@@ -89,14 +89,21 @@ def _zstd(raw: bytes, level: int = ZSTD_LEVEL) -> bytes:
 
 
 def _unzstd(data: bytes, size: int) -> bytes:
-    # max_output_size bounds the work a hostile stream can cause (zip bomb).
+    # Read at most size + 1 bytes: a frame that declares (or streams) more is a zip bomb, and
+    # ``decompress(max_output_size=...)`` would still inflate a frame that declares its size.
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        out = bytearray()
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            while len(out) <= size and (part := reader.read(size + 1 - len(out))):
+                out += part
     except zstandard.ZstdError as e:
         raise CorruptBlob(f"zstd section does not decompress: {e}") from e
     if len(out) != size:
-        raise CorruptBlob(f"zstd section holds {len(out)} bytes, header says {size}")
-    return out
+        raise CorruptBlob(
+            f"zstd section holds {'more than ' if len(out) > size else ''}"
+            f"{len(out)} bytes, header says {size}"
+        )
+    return bytes(out)
 
 
 def _split_planes(arr: np.ndarray) -> bytes:
@@ -306,9 +313,34 @@ def _sections(blob: bytes, header: dict[str, Any], start: int) -> list[bytes]:
     return out
 
 
-def decode(blob: bytes, device: torch.device | str = "cpu") -> DecodedDelta:
-    """Blob -> flat sorted int64 indices and values on ``device`` (dense: every index)."""
+def decode(
+    blob: bytes, device: torch.device | str = "cpu", *, shape: tuple[int, ...] | None = None
+) -> DecodedDelta:
+    """Blob -> flat sorted int64 indices and values on ``device`` (dense: every index).
+
+    ``shape`` (what the manifest expects) is checked before anything is allocated, so a
+    header that claims a huge tensor costs nothing; a malformed header is ``CorruptBlob``.
+    """
     h, start = read_header(blob)
+    try:
+        return _decode(blob, h, start, device, shape)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if isinstance(e, (CorruptBlob, UnsupportedFormat)):
+            raise
+        raise CorruptBlob(f"malformed delta blob header ({type(e).__name__}: {e})") from e
+
+
+def _decode(
+    blob: bytes,
+    h: dict[str, Any],
+    start: int,
+    device: torch.device | str,
+    expect: tuple[int, ...] | None,
+) -> DecodedDelta:
+    if not isinstance(h, dict):
+        raise CorruptBlob(f"blob header is a JSON {type(h).__name__}, not an object")
+    if expect is not None and tuple(h["shape"]) != tuple(expect):
+        raise CorruptBlob(f"{h.get('name')}: blob holds shape {h['shape']}, expected {expect}")
     secs = _sections(blob, h, start)
     enc, shape, numel, nnz = h.get("encoding"), tuple(h["shape"]), int(h["numel"]), int(h["nnz"])
     if numel != math.prod(shape) or not 0 <= nnz <= numel:
@@ -342,9 +374,11 @@ def decode(blob: bytes, device: torch.device | str = "cpu") -> DecodedDelta:
     return DecodedDelta(indices.to(device), values.to(device), shape)
 
 
-def decode_dense(blob: bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+def decode_dense(
+    blob: bytes, device: torch.device | str = "cpu", *, shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """A blob as a dense tensor of its shape (extras such as a new classification head)."""
-    dd = decode(blob, "cpu")
+    dd = decode(blob, "cpu", shape=shape)
     h, _ = read_header(blob)
     if h["encoding"] == "dense":
         return dd.values.reshape(dd.shape).to(device)

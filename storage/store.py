@@ -94,7 +94,7 @@ class DeltaStore:
 
     def load_delta(self, entry: TensorEntry, device: torch.device | str = "cpu") -> DecodedDelta:
         """Flat sorted int64 indices + values of one tensor's delta, on ``device``."""
-        dd = codec.decode(self.blobs.get(entry.key), device)
+        dd = codec.decode(self.blobs.get(entry.key), device, shape=tuple(entry.shape))
         if dd.shape != tuple(entry.shape) or dd.nnz != entry.nnz:
             raise CorruptBlob(
                 f"blob {entry.key}: holds shape {dd.shape} nnz {dd.nnz}, "
@@ -104,7 +104,7 @@ class DeltaStore:
 
     def load_dense(self, entry: TensorEntry, device: torch.device | str = "cpu") -> torch.Tensor:
         """A dense tensor (extras such as a new classification head), exact, in its dtype."""
-        t = codec.decode_dense(self.blobs.get(entry.key), device)
+        t = codec.decode_dense(self.blobs.get(entry.key), device, shape=tuple(entry.shape))
         if tuple(t.shape) != tuple(entry.shape):
             raise CorruptBlob(f"blob {entry.key}: shape {tuple(t.shape)} != {tuple(entry.shape)}")
         return t

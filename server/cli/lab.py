@@ -146,7 +146,12 @@ def demo(
     try:
         for t in task or default_tasks(info):
             console.print(f"[bold]{t}[/bold]: fine-tune, store at p={rate}, evaluate")
-            rows.append(build_one(store, s.data_dir, info, t, budget, rate))
+            row = build_one(store, s.data_dir, info, t, budget, rate)
+            rows.append(row)
+            if row.reused:
+                console.print(
+                    f"  {row.model_id}: reused the fine-tune, the stored delta and its scores"
+                )
     finally:
         store.close()
     tab = Table(title=f"demo fine-tunes of {info.name}, stored at p={rate}")
@@ -164,7 +169,7 @@ def demo(
     for r in rows:
         tab.add_row(
             r.task,
-            r.model_id + (" (reused)" if r.reused else ""),
+            r.model_id,
             r.method,
             f"{100 * r.unpruned:.1f}",
             f"{100 * r.stored:.1f}",
@@ -172,7 +177,7 @@ def demo(
             f"{r.fp16_bytes:,}",
             f"1/{r.fp16_bytes / max(r.stored_bytes, 1):.0f}",
         )
-    console.print(tab)
+    console.print(tab, width=max(console.width, 120))
     h, pt = host or s.host, port or s.port
     token = s.api_key.get_secret_value() if s.api_key else None
     url = f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{pt}"

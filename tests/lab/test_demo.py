@@ -59,12 +59,12 @@ def test_demo_builds_stores_and_reuses(tiny_bert_dir: Path, data_dir: Path) -> N
             stamps[t] = (demo_dir(data_dir, base, t) / RESULT_FILE).stat().st_mtime
             # working request lines for every model
             assert "/v1/classify" in out and f'"model": "{model_id}"' in out
-        assert "(reused)" not in out
+        assert "reused" not in out
     finally:
         store.close()
 
     again = _demo(tiny_bert_dir)
-    assert again.count("(reused)") == len(TASKS)
+    assert again.count("reused the fine-tune") == len(TASKS)
     store = DeltaStore(data_dir, open_registry(f"sqlite:///{data_dir / 'registry.sqlite3'}"))
     try:
         for t in TASKS:

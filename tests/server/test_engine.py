@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_util import base_state, merged_state, random_finetune, save_merged
+from tests.server.engine_util import base_state, merged_state, random_finetune, save_merged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import (

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_util import base_state, save_merged
+from tests.server.engine_util import base_state, save_merged
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engine import Engine

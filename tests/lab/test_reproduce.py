@@ -1,0 +1,83 @@
+"""The reproduction bench on the tiny BERT: exact weights, cached parts, report; and the
+real quick reproduction (slow), which asserts the paper's headline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import server.cli.lab  # noqa: F401  (registers the commands)
+from server import reproduce as rp
+from server import reproduce_report as rr
+from server.cli import app
+from server.reproduce_lab import by_length, open_lab
+from server.training import RESULT_FILE
+from storage.bases import resolve_base
+from storage.tasks import load_task
+
+TINY = {"lr": 1e-3, "max_steps": 4, "max_train": 64}
+BUDGET = rp.Budget(test=24, val=16, calib=8, max_length=32, seeds=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def work(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    w = tmp_path_factory.mktemp("work")
+    base = resolve_base(tiny_bert_dir, w)
+    task = load_task("rt-sentiment")
+    rows = rp.run_part(w, base, task, "tiny", TINY, BUDGET, (0.9,), ("dare", "darex_q/labeled"))
+    return w, base, task, rows
+
+
+def test_lab_apply_is_base_plus_scaled_sparse_delta_and_restores_exactly(work) -> None:
+    w, base, task, _ = work
+    lab = open_lab(base, w / rp.slug(base.name) / task.name / "tiny", task)
+    name = lab.pruned_names[3]
+    before = {n: p.detach().clone() for n, p in lab.params.items()}
+    masks = lab.dare_masks(0.9, seed=0)
+    lab.apply(masks, factor=0.5)
+    want = lab.base_w[name].clone().view(-1)
+    want.index_add_(0, masks[name].indices, 0.5 * masks[name].values.float())
+    assert torch.equal(lab.params[name].detach().view(-1), want)
+    lab.restore()
+    assert all(torch.equal(p, before[n]) for n, p in lab.params.items())
+    # p = 0 keeps every entry with scale 1: the fine-tune itself, same predictions
+    exs = by_length(task.test[:24])
+    assert lab.metric_with(lab.dare_masks(0.0, seed=0), exs) == lab.metric(exs)
+
+
+def test_run_part_rows_are_cached_and_reported(work, tmp_path: Path) -> None:
+    w, base, task, rows = work
+    cells = {(r.method, r.p): r for r in rows}
+    assert {("unpruned", 0.0), ("base", 0.0), ("dare", 0.9), ("darex_q/labeled", 0.9)} <= set(cells)
+    dx = cells[("darex_q/labeled", 0.9)]
+    assert len(dx.values) == 2 and 0.1 - 1e-9 <= dx.q <= 1.0  # q searched in [1-p, 10(1-p)]
+    assert cells[("dare", 0.9)].q == pytest.approx(0.1)
+    assert cells[("dare", 0.9)].stored_bytes > 0
+    ft = w / rp.slug(base.name) / task.name / "tiny" / RESULT_FILE
+    stamp = ft.stat().st_mtime
+    rp.run_part(w, base, task, "tiny", TINY, BUDGET, (0.99,), ("dare",))
+    assert ft.stat().st_mtime == stamp  # the cached fine-tune was reused
+    got = {(r.method, r.p) for r in rp.read_rows(w)}
+    assert ("dare", 0.99) in got and ("darex_q/labeled", 0.9) in got
+    pngs = rr.write_plots(rp.read_rows(w), tmp_path)
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    md = "\n".join(rr.tables_markdown(rp.read_rows(w)))
+    assert "| darex_q/labeled |" in md and "| q labeled | 0.1 |" in md
+
+
+@pytest.mark.slow
+def test_quick_reproduction_asserts_the_headline(tmp_path: Path) -> None:
+    """MiniLM-L6 on rt-sentiment, large-delta fine-tune: at p = 0.99 DAREx-q beats DARE by
+    >= 10 points and stays within 5 points of the unpruned fine-tune (else exit code 1)."""
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(
+        app, ["reproduce", "--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "headline reproduced" in res.output
+    assert (tmp_path / "reproduce-quick.md").is_file()
+    print(f"quick reproduction: {time.perf_counter() - t0:.0f} s")
