@@ -119,12 +119,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--p", type=float, default=0.99)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--turn", type=int, default=4, help="max_batches_per_turn (server default 4)")
     ap.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("DAREX_DATA_DIR", "~/.darex"))
     )
     args = ap.parse_args()
     n_models = args.models or (10 if args.quick else 50)
-    n_req = args.requests or (8 * n_models if args.quick else 4 * n_models)
+    n_req = args.requests or 8 * n_models
     torch.manual_seed(0)
 
     model, tok, base_name = load_base(args.quick, args.data_dir.expanduser())
@@ -143,7 +144,7 @@ def main() -> None:
         dtype="float32",
         host_cache_bytes=64 << 30,
     )
-    sched = Scheduler(eng, max_batch_size=args.batch, max_batches_per_turn=1)
+    sched = Scheduler(eng, max_batch_size=args.batch, max_batches_per_turn=args.turn)
     rss_base = rss_bytes()
 
     interleaved = [f"ft-{i % n_models}" for i in range(n_req)]
@@ -164,7 +165,7 @@ def main() -> None:
     )
     print(
         f"{n_models} fine-tunes at p={args.p} (built in {build_s:.1f}s); {n_req} requests x "
-        f"{args.max_tokens} tokens, batch {args.batch}, greedy\n"
+        f"{args.max_tokens} tokens, batch {args.batch}, {args.turn} batches per turn, greedy\n"
     )
     print("| run | tokens | seconds | tokens/s | vs base |")
     print("|---|---:|---:|---:|---:|")

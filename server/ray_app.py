@@ -204,7 +204,7 @@ class DarexReplica:
             self._watching = True
             self.rt.watcher.start()
 
-    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("DAREX_RAY_MODELS", "8")))
+    @serve.multiplexed(max_num_models_per_replica=Settings().ray_models)
     async def get_model(self, model_id: str) -> str:
         await self.rt.warm(model_id)
         return model_id

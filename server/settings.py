@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     max_new_tokens: int = Field(512, description="Upper bound on max_tokens per request.")
     default_rate: float = Field(0.99, description="Pruning rate used when an upload names none.")
+    ray_models: int = Field(
+        8, description="Fine-tunes one Ray Serve replica keeps resident (model multiplexing)."
+    )
     host: str = Field("127.0.0.1", description="Bind address of `darex serve`.")
     port: int = Field(8000, description="Port of `darex serve`.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -58,6 +58,15 @@ class Source:
     task: str = "feature-extraction"
     labels: list[str] | None = None
     fp16_bytes: int = 0
+    # Reads every tensor once and raises on bad values, before anything is written.
+    check: Callable[[], None] | None = None
+
+    def validate(self) -> None:
+        if self.check is not None:
+            self.check()
+            return
+        for read in [*self.deltas.values(), *self.extras.values()]:
+            read()
 
 
 def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
@@ -83,6 +92,11 @@ def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
 
         return read
 
+    def check() -> None:
+        for fname in [*plan.pairs.values(), *plan.extras]:
+            if ft.meta[fname].dtype.is_floating_point:
+                _check_finite(ft.get(fname), fname)
+
     task, labels = read_task(ft.config)
     return Source(
         kind="full",
@@ -92,6 +106,7 @@ def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
         task=task,
         labels=labels,
         fp16_bytes=2 * sum(m.numel for m in ft.meta.values() if m.dtype.is_floating_point),
+        check=check,
     )
 
 
@@ -195,6 +210,10 @@ def ingest(
         if len(ft.meta) > max_tensors:
             raise BadCheckpoint(f"checkpoint has {len(ft.meta)} tensors, at most {max_tensors}")
         source = _full_source(ft, base_ckpt)
+    # Bad values are refused before the first blob is written: a refused
+    # checkpoint leaves the store exactly as it was.
+    report(0.01, "checking values")
+    source.validate()
     selector = selector or default_patterns(base.arch)
     rate = DEFAULT_RATE if p is None else float(p)
     reason = "given"

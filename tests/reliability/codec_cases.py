@@ -1,9 +1,10 @@
 """Hostile delta blobs for ``storage.codec.decode``: zip bombs, lying headers, broken sections.
 
-Decoded as the store decodes (``shape=`` the manifest entry's). Run as a program (``python -m tests.reliability.codec_cases``) it decodes every case under an
-address-space limit of the current size + ``--headroom-mb`` and prints one JSON line per case
-(``error`` type, ``message``, ``seconds``, peak RSS growth in MiB): a decoder that trusts a
-header's size claims runs out of that headroom instead of taking the machine with it.
+Decoded as the store decodes them (``shape=`` the manifest entry's). Run as a program
+(``python -m tests.reliability.codec_cases``) it decodes every case under an address-space
+limit of the current size + ``--headroom-mb`` and prints one JSON line per case (``error``
+type, ``message``, ``seconds``, peak RSS growth in MiB): a decoder that trusts a header's
+size claims runs out of that headroom instead of taking the machine with it.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def cases() -> dict[str, Callable[[], bytes]]:
             {**h, "indices": {**h["indices"], "codec": "brotli"}}, [idx, val]
         ),
         "indices-not-increasing": lambda: _blob(
-            h, [codec._pack(struct.unpack("4B", bytes([1, 4, 0, 31])) and _zero_gap(), False)[0], val]
+            h,
+            [codec._pack(struct.unpack("4B", bytes([1, 4, 0, 31])) and _zero_gap(), False)[0], val],
         ),
         "indices-past-numel": lambda: _blob(h, [codec._pack(_far_gap(), False)[0], val]),
         "zstd-garbage": lambda: _blob(h, [b"\x28\xb5\x2f\xfd" + b"\x00" * 20, val]),

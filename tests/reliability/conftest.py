@@ -32,7 +32,9 @@ def snapshot(store: DeltaStore) -> dict:
 @pytest.fixture(scope="session")
 def good_ft_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
     """A plausible full fine-tune of the tiny Llama (config.json + model.safetensors)."""
-    return write_folder(tmp_path_factory.mktemp("good-ft"), tiny_llama_dir, finetune_tensors(tiny_llama_dir))
+    return write_folder(
+        tmp_path_factory.mktemp("good-ft"), tiny_llama_dir, finetune_tensors(tiny_llama_dir)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,10 @@ def category(request: pytest.FixtureRequest):
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if type(report).__name__ != "TestReport":  # schemathesis' per-example subtest reports
+        return
     cats = [v for k, v in report.user_properties if k == "reliability_category"]
-    if not cats or report.when != "call" and not (report.when == "setup" and report.failed):
+    if not cats or (report.when != "call" and not (report.when == "setup" and report.failed)):
         return
     for c in cats:
         _TALLY[c]["passed" if report.passed else "skipped" if report.skipped else "failed"] += 1

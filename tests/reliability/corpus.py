@@ -202,9 +202,7 @@ CHECKPOINT_CASES: list[Case] = [
     ),
     Case("header-not-json", "header", _raw(b"\xff\xfe garbage"), BadCheckpoint, "not a readable"),
     Case("header-json-list", "header", _raw([1, 2, 3]), BadCheckpoint, "not a readable"),
-    Case(
-        "header-deep-nesting", "header", _raw(b"[" * 100_000), BadCheckpoint, "not a readable"
-    ),
+    Case("header-deep-nesting", "header", _raw(b"[" * 100_000), BadCheckpoint, "not a readable"),
     Case("truncated-data", "header", _truncated(0.6), BadCheckpoint, "not a readable"),
     Case("truncated-header", "header", _truncated(0.0001), BadCheckpoint, "not a readable"),
     Case(

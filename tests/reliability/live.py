@@ -121,6 +121,19 @@ class ServerProcess:
                 self.proc.wait(10)
         self.proc = None
 
+    def base_name(self) -> str:
+        """The base's own model id (the first card of /v1/models)."""
+        return httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus counter over its labels."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"
+        )
+
     def tail(self, n: int = 30) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
         return "\n".join(lines[-n:])

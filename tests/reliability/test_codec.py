@@ -21,7 +21,10 @@ NAMES = list(cases())
 @pytest.fixture(scope="module")
 def decoded() -> dict[str, dict]:
     """Every case decoded once in a child with 512 MiB of address-space headroom."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     out = subprocess.run(
         [sys.executable, "-m", "tests.reliability.codec_cases", "--headroom-mb", "512"],
         capture_output=True,

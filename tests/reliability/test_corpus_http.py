@@ -38,7 +38,9 @@ class Live:
 def live(tmp_path_factory, tiny_llama_dir: Path, good_ft_dir: Path) -> Iterator[Live]:
     data = tmp_path_factory.mktemp("rel-http")
     store = DeltaStore(data)
-    ingest(store, "good", good_ft_dir, resolve_base(tiny_llama_dir, data), p=0.9, show_progress=False)
+    ingest(
+        store, "good", good_ft_dir, resolve_base(tiny_llama_dir, data), p=0.9, show_progress=False
+    )
     with serve_in_thread(
         data, tiny_llama_dir, max_upload_bytes=MAX_UPLOAD, max_tensors=MAX_TENSORS
     ) as (url, app):
@@ -102,7 +104,8 @@ def test_oversized_upload_is_413_with_and_without_content_length(live: Live, cat
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the limit holds while streaming
         yield b'--b\r\nContent-Disposition: form-data; name="model_id"\r\n\r\nbig\r\n'
-        yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="m.safetensors"\r\n\r\n'
+        yield b'--b\r\nContent-Disposition: form-data; name="files"; '
+        yield b'filename="m.safetensors"\r\n\r\n'
         for _ in range(MAX_UPLOAD // (1 << 20) + 2):
             yield b"\0" * (1 << 20)
         yield b"\r\n--b--\r\n"
@@ -185,24 +188,94 @@ BODY_CASES: list[tuple[str, str, object, str]] = [
     ("prompt-empty-list", "/v1/completions", {"model": "good", "prompt": []}, "prompt"),
     ("prompt-list-of-empty", "/v1/completions", {"model": "good", "prompt": [""]}, "prompt"),
     ("prompt-too-many", "/v1/completions", {"model": "good", "prompt": ["a"] * 65}, "prompt"),
-    ("prompt-over-context", "/v1/completions", {"model": "good", "prompt": "word " * 400}, "prompt|context"),
-    ("max-tokens-zero", "/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ("max-tokens-negative", "/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": -5}, "max_tokens"),
-    ("max-tokens-huge", "/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": 10**12}, "max_tokens"),
-    ("max-tokens-2^70", "/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": 2**70}, "max_tokens"),
-    ("max-tokens-string", "/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    ("max-tokens-float", "/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": 3.5}, "max_tokens"),
-    ("temperature-negative", "/v1/completions", {"model": "good", "prompt": "hi", "temperature": -1}, "temperature"),
-    ("temperature-string", "/v1/completions", {"model": "good", "prompt": "hi", "temperature": "hot"}, "temperature"),
-    ("temperature-nan", "/v1/completions", b'{"model": "good", "prompt": "hi", "temperature": NaN}', "temperature|JSON"),
-    ("top-p-infinity", "/v1/completions", b'{"model": "good", "prompt": "hi", "top_p": Infinity}', "top_p|JSON"),
+    (
+        "prompt-over-context",
+        "/v1/completions",
+        {"model": "good", "prompt": "word " * 400},
+        "prompt|context",
+    ),
+    (
+        "max-tokens-zero",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "max_tokens": 0},
+        "max_tokens",
+    ),
+    (
+        "max-tokens-negative",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "max_tokens": -5},
+        "max_tokens",
+    ),
+    (
+        "max-tokens-huge",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "max_tokens": 10**12},
+        "max_tokens",
+    ),
+    (
+        "max-tokens-2^70",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "max_tokens": 2**70},
+        "max_tokens",
+    ),
+    (
+        "max-tokens-string",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "max_tokens": "ten"},
+        "max_tokens",
+    ),
+    (
+        "max-tokens-float",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "max_tokens": 3.5},
+        "max_tokens",
+    ),
+    (
+        "temperature-negative",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "temperature": -1},
+        "temperature",
+    ),
+    (
+        "temperature-string",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "temperature": "hot"},
+        "temperature",
+    ),
+    (
+        "temperature-nan",
+        "/v1/completions",
+        b'{"model": "good", "prompt": "hi", "temperature": NaN}',
+        "temperature|JSON",
+    ),
+    (
+        "top-p-infinity",
+        "/v1/completions",
+        b'{"model": "good", "prompt": "hi", "top_p": Infinity}',
+        "top_p|JSON",
+    ),
     ("top-p-zero", "/v1/completions", {"model": "good", "prompt": "hi", "top_p": 0}, "top_p"),
     ("seed-negative", "/v1/completions", {"model": "good", "prompt": "hi", "seed": -1}, "seed"),
     ("seed-2^64", "/v1/completions", {"model": "good", "prompt": "hi", "seed": 2**64}, "seed"),
-    ("stop-five", "/v1/completions", {"model": "good", "prompt": "hi", "stop": list("abcde")}, "stop"),
-    ("stop-empty-string", "/v1/completions", {"model": "good", "prompt": "hi", "stop": [""]}, "stop"),
+    (
+        "stop-five",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "stop": list("abcde")},
+        "stop",
+    ),
+    (
+        "stop-empty-string",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "stop": [""]},
+        "stop",
+    ),
     ("n-two", "/v1/completions", {"model": "good", "prompt": "hi", "n": 2}, "n"),
-    ("stream-string", "/v1/completions", {"model": "good", "prompt": "hi", "stream": "maybe"}, "stream"),
+    (
+        "stream-string",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "stream": "maybe"},
+        "stream",
+    ),
     ("body-array", "/v1/completions", [1, 2, 3], "body|object|dict|valid"),
     ("body-string", "/v1/completions", "hello", "body|object|dict|valid"),
     ("body-not-json", "/v1/completions", b"{model: good", "JSON|json|decode"),
@@ -211,16 +284,46 @@ BODY_CASES: list[tuple[str, str, object, str]] = [
     ("body-invalid-utf8", "/v1/completions", b'{"model": "good", "prompt": "\xff\xfe"}', "."),
     ("messages-string", "/v1/chat/completions", {"model": "good", "messages": "hi"}, "messages"),
     ("messages-empty", "/v1/chat/completions", {"model": "good", "messages": []}, "messages"),
-    ("messages-bad-role", "/v1/chat/completions", {"model": "good", "messages": [{"role": "root", "content": "x"}]}, "role"),
-    ("messages-content-int", "/v1/chat/completions", {"model": "good", "messages": [{"role": "user", "content": 5}]}, "content"),
-    ("chat-max-tokens-negative", "/v1/chat/completions", {"model": "good", "messages": _CHAT, "max_tokens": -1}, "max_tokens"),
-    ("chat-max-completion-huge", "/v1/chat/completions", {"model": "good", "messages": _CHAT, "max_completion_tokens": 10**9}, "max_tokens"),
+    (
+        "messages-bad-role",
+        "/v1/chat/completions",
+        {"model": "good", "messages": [{"role": "root", "content": "x"}]},
+        "role",
+    ),
+    (
+        "messages-content-int",
+        "/v1/chat/completions",
+        {"model": "good", "messages": [{"role": "user", "content": 5}]},
+        "content",
+    ),
+    (
+        "chat-max-tokens-negative",
+        "/v1/chat/completions",
+        {"model": "good", "messages": _CHAT, "max_tokens": -1},
+        "max_tokens",
+    ),
+    (
+        "chat-max-completion-huge",
+        "/v1/chat/completions",
+        {"model": "good", "messages": _CHAT, "max_completion_tokens": 10**9},
+        "max_tokens",
+    ),
     ("classify-causal-model", "/v1/classify", {"model": "good", "input": "x"}, "classif|causal"),
     ("classify-input-empty-list", "/v1/classify", {"model": "good", "input": []}, "input"),
     ("classify-input-int", "/v1/classify", {"model": "good", "input": 7}, "input"),
-    ("embeddings-input-empty-list", "/v1/embeddings", {"model": "good", "input": []}, "input|causal|embed"),
+    (
+        "embeddings-input-empty-list",
+        "/v1/embeddings",
+        {"model": "good", "input": []},
+        "input|causal|embed",
+    ),
     ("embeddings-input-dict", "/v1/embeddings", {"model": "good", "input": {"a": 1}}, "input"),
-    ("unknown-model", "/v1/completions", {"model": "no-such-model", "prompt": "hi"}, "no-such-model"),
+    (
+        "unknown-model",
+        "/v1/completions",
+        {"model": "no-such-model", "prompt": "hi"},
+        "no-such-model",
+    ),
 ]
 
 
@@ -231,19 +334,27 @@ def test_bad_body_is_a_4xx(name: str, path: str, body, match: str, live: Live, c
     if isinstance(body, bytes):
         r = live.client.post(path, content=body, headers={"content-type": "application/json"})
     else:
-        r = live.client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        r = live.client.post(
+            path, content=json.dumps(body), headers={"content-type": "application/json"}
+        )
     assert_error(r, (400, 404, 413, 422), match)
     unchanged(live, before)
     # and the server still answers a good request afterwards
-    ok = live.client.post("/v1/completions", json={"model": "good", "prompt": "hi", "max_tokens": 2})
+    ok = live.client.post(
+        "/v1/completions", json={"model": "good", "prompt": "hi", "max_tokens": 2}
+    )
     assert ok.status_code == 200, ok.text
 
 
 def test_wrong_content_type_and_method(live: Live, category) -> None:
     category("body/protocol")
-    r = live.client.post("/v1/completions", content=b"model=good", headers={"content-type": "text/plain"})
+    r = live.client.post(
+        "/v1/completions", content=b"model=good", headers={"content-type": "text/plain"}
+    )
     assert_error(r, (415, 422))
     r = live.client.get("/v1/completions")
     assert_error(r, 405)
-    r = live.client.post("/admin/models", headers={**AUTH, "content-type": "application/json"}, content=b"{}")
+    r = live.client.post(
+        "/admin/models", headers={**AUTH, "content-type": "application/json"}, content=b"{}"
+    )
     assert_error(r, (415, 422), "multipart")

@@ -206,8 +206,8 @@ def test_pickle_checkpoints_are_refused(bert_ft, tiny_bert_dir, store, tmp_path)
             )
 
 
-def test_failure_midway_leaves_no_entry_and_gc_cleans(bert_ft, tiny_bert_dir, store, tmp_path):
-    def poison(sd):  # the new head is stored last: every delta blob is written before it fails
+def test_bad_values_are_refused_before_any_write(bert_ft, tiny_bert_dir, store, tmp_path):
+    def poison(sd):  # the new head is stored last: a late check would have written every delta
         sd["classifier.weight"][0, 0] = float("nan")
 
     bad = _copy_ckpt(bert_ft, tmp_path / "nan", poison)
@@ -222,12 +222,31 @@ def test_failure_midway_leaves_no_entry_and_gc_cleans(bert_ft, tiny_bert_dir, st
             show_progress=False,
         )
     assert store.models() == {}
-    orphans = list(store.blobs.iter_keys())
+    assert list(store.blobs.iter_keys()) == []
+
+
+def test_failure_midway_leaves_no_entry_and_gc_cleans(bert_ft, tiny_bert_dir, store):
+    base = base_of(tiny_bert_dir, store)
+    other = ingest(store, "other", bert_ft, base, method="magnitude", p=0.5, show_progress=False)
+
+    def race(_fraction: float, stage: str) -> None:
+        # Another upload takes the same model_id after every blob was written.
+        if stage == "registering":
+            store.registry.set_model("racy", other.manifest_key)
+
+    kept = set(store.blobs.iter_keys())
+    with pytest.raises(ModelExists):
+        ingest(
+            store, "racy", bert_ft, base, method="dare", p=0.9, progress=race, show_progress=False
+        )
+    assert store.manifest("racy") == other.manifest  # the winner's entry, untouched
+    store.registry.delete_model("racy")
+    orphans = set(store.blobs.iter_keys()) - kept
     assert len(orphans) > 30
     assert store.verify().ok
     assert store.gc(grace_s=3600).deleted == 0  # young blobs may belong to an ingest in flight
     report = store.gc(grace_s=0)
-    assert report.deleted == len(orphans) and list(store.blobs.iter_keys()) == []
+    assert report.deleted == len(orphans) and set(store.blobs.iter_keys()) == kept
 
 
 def test_existing_id_needs_replace(bert_ft, tiny_bert_dir, store) -> None:
