@@ -19,6 +19,7 @@ from server.api.errors import install_error_handlers
 from server.api.metrics import Metrics, RequestContextMiddleware
 from server.api.routes import admin, classify, health, openai
 from server.api.state import AppState
+from server.replicas import with_replica_sync
 from server.scheduler import Scheduler
 from server.settings import Settings, get_settings
 
@@ -97,4 +98,5 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for r in (openai.router, classify.router, admin.router, health.router):
         app.include_router(r)
-    return app
+    # Other replicas on the same registry: pick up their uploads and deletes.
+    return with_replica_sync(app)

@@ -7,6 +7,7 @@ trace never leaves the server, it goes to the log with the request id.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -85,6 +86,9 @@ def describe(exc: BaseException) -> tuple[int, dict]:
             if param is None and code in ("model_not_found", "wrong_task"):
                 param = "model"
             return status, error_body(status, type_, str(exc), code, param)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = "no space left on the data volume; free space or grow DAREX_DATA_DIR's disk"
+        return 507, error_body(507, "server_error", msg, "insufficient_storage")
     rid = request_id_var.get()
     return 500, error_body(500, "server_error", f"internal error (request id {rid})", "internal")
 

@@ -13,6 +13,11 @@ from server.cli import app
 def serve(
     host: str = typer.Option(None, help="Bind address (default: DAREX_HOST, 127.0.0.1)."),
     port: int = typer.Option(None, help="Port (default: DAREX_PORT, 8000)."),
+    ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve model multiplexing."),
+    replicas: int = typer.Option(1, help="Ray Serve replicas (with --ray)."),
+    ray_address: str = typer.Option(
+        None, help="Ray cluster address (with --ray); default: start a local instance."
+    ),
 ) -> None:
     """Serve the resident base and every stored fine-tune over HTTP (OpenAI-compatible)."""
     import uvicorn
@@ -28,10 +33,19 @@ def serve(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     setup_logging(settings.log_level, settings.log_json)
+    if host or port:
+        settings = settings.model_copy(
+            update={"host": host or settings.host, "port": port or settings.port}
+        )
+    if ray:
+        from server.ray_app import serve_ray
+
+        serve_ray(settings, num_replicas=replicas, address=ray_address)
+        return
     uvicorn.run(
         create_app(settings),
-        host=host or settings.host,
-        port=port or settings.port,
+        host=settings.host,
+        port=settings.port,
         log_config=None,  # our handler, one JSON line per record
         access_log=False,
     )

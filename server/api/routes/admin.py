@@ -22,7 +22,7 @@ from server.api.state import AppState
 from server.api.upload import Upload, receive_upload
 from server.errors import InvalidRequest
 from server.logging import model_id_var
-from storage.errors import ModelExists, UnknownModel
+from storage.errors import BadCheckpoint, ModelExists, UnknownModel
 from storage.modelid import validate_model_id
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,13 @@ def _precheck(state: AppState, folder: Path) -> None:
 
     if is_lora_adapter(folder) or state.base is None:
         return
-    plan_against_base(open_checkpoint(folder), open_checkpoint(state.base.path))
+    ckpt = open_checkpoint(folder)
+    limit = state.settings.max_tensors
+    if len(ckpt.meta) > limit:
+        raise BadCheckpoint(
+            f"checkpoint has {len(ckpt.meta)} tensors, at most {limit} (DAREX_MAX_TENSORS)"
+        )
+    plan_against_base(ckpt, open_checkpoint(state.base.path))
 
 
 def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
