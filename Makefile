@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install system-deps demo test lint
+.PHONY: install system-deps demo test repro-quick lint
 
 install:
 	# torch first, pinned: its CPU wheel of this exact version is served locally,
@@ -22,7 +22,11 @@ system-deps:
 	scripts/system-deps.sh
 
 test: install system-deps
-	$(PYTHON) -m pytest -q -n 2 --durations=15
+	$(PYTHON) -m pytest -q -n 2 --durations=15 -m "not repro"
+
+# The paper's headline on MiniLM-L6 / rt-sentiment (fine-tune + prune + evaluate).
+repro-quick: install
+	$(PYTHON) -m pytest -q -m repro
 
 lint:
 	ruff check .

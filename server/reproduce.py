@@ -42,28 +42,24 @@ ENCODER_SPECS: dict[str, dict[str, Any]] = {
     "adam-small": {"lr": 5e-5, "epochs": 1, "max_train": 4000},  # small deltas
     "adam-large": {
         "lr": 3e-4,
-        "max_steps": 600,
-        "batch_size": 8,
+        "max_steps": 500,
         "max_train": 4000,
     },  # large deltas
     "adamr-l2-0.1": {
         "lr": 3e-4,
-        "max_steps": 600,
-        "batch_size": 8,
+        "max_steps": 500,
         "optimizer": "adamr-l2",
         "reg": 0.1,
     },
     "adamr-l2-1": {
         "lr": 3e-4,
-        "max_steps": 600,
-        "batch_size": 8,
+        "max_steps": 500,
         "optimizer": "adamr-l2",
         "reg": 1.0,
     },
     "adamr-l1-0.1": {
         "lr": 3e-4,
-        "max_steps": 600,
-        "batch_size": 8,
+        "max_steps": 500,
         "optimizer": "adamr-l1",
         "reg": 0.1,
     },

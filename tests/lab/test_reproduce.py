@@ -70,6 +70,7 @@ def test_run_part_rows_are_cached_and_reported(work, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.repro
 def test_quick_reproduction_asserts_the_headline(tmp_path: Path) -> None:
     """MiniLM-L6 on rt-sentiment, large-delta fine-tune: at p = 0.99 DAREx-q beats DARE by
     >= 10 points and stays within 5 points of the unpruned fine-tune (else exit code 1)."""
