@@ -43,7 +43,6 @@ from pydantic import BaseModel, ValidationError
 
 from server.api.errors import describe, log_error
 from server.api.schemas import (
-    Classification,
     ClassifyRequest,
     ClassifyResponse,
     Embedding,
@@ -139,19 +138,7 @@ class Runtime:
                 return EmbeddingResponse(model=model, data=data, usage=usage).model_dump()
             probs = await self.scheduler.classify(target, req.texts)
             labels = self.engine.labels_of(target)
-            rows = []
-            for i, row in enumerate(probs):
-                names = (
-                    labels
-                    if labels and len(labels) == len(row)
-                    else [f"LABEL_{j}" for j in range(len(row))]
-                )
-                best = max(range(len(row)), key=row.__getitem__)
-                scores = dict(zip(names, row, strict=True))
-                rows.append(
-                    Classification(index=i, label=names[best], score=row[best], scores=scores)
-                )
-            return ClassifyResponse(model=model, data=rows).model_dump()
+            return ClassifyResponse.from_probs(model, probs, labels).model_dump()
         params = _params(body, self.settings.max_new_tokens)
         if kind == "chat":
             messages = body.get("messages")

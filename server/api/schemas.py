@@ -183,6 +183,23 @@ class ClassifyResponse(BaseModel):
     model: str
     data: list[Classification]
 
+    @classmethod
+    def from_probs(
+        cls, model: str, probs: list[list[float]], labels: list[str] | None
+    ) -> ClassifyResponse:
+        """One row per input: every label's probability, and the argmax as ``label``."""
+        data = []
+        for i, row in enumerate(probs):
+            names = (
+                labels
+                if labels and len(labels) == len(row)
+                else [f"LABEL_{j}" for j in range(len(row))]
+            )
+            best = max(range(len(row)), key=row.__getitem__)
+            scores = dict(zip(names, row, strict=True))
+            data.append(Classification(index=i, label=names[best], score=row[best], scores=scores))
+        return cls(model=model, data=data)
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.server.engine_util import base_state, merged_state, random_finetune, save_merged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import (
@@ -20,6 +19,7 @@ from server.deltas import MemorySource
 from server.engine import Engine
 from server.errors import WrongTask
 from storage.errors import UnknownModel
+from tests.server.engine_util import base_state, merged_state, random_finetune, save_merged
 
 TEXTS = ["the cat sat on the mat", "a much longer sentence about serving many fine-tunes at once"]
 LM_MODELS = {"ft-a": (1, 0.9), "ft-b": (2, 0.9), "ft-c": (3, 0.5), "ft-a2": (1, 0.99)}

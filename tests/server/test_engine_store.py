@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.server.engine_util import base_state, save_merged
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engine import Engine
+from tests.server.engine_util import base_state, save_merged
 
 store_mod = pytest.importorskip("storage.store")
 ingest_mod = pytest.importorskip("storage.ingest")

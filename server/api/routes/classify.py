@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 
 from server.api.deps import SchedulerDep, StateDep, require_api_key
 from server.api.routes.common import resolve_model
-from server.api.schemas import Classification, ClassifyRequest, ClassifyResponse
+from server.api.schemas import ClassifyRequest, ClassifyResponse
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -20,21 +20,4 @@ async def classify(
         state, request, body.model, ("sequence-classification",), "/v1/classify"
     )
     probs = await sched.classify(target, body.texts)
-    labels = state.engine.labels_of(target)
-    data = []
-    for i, row in enumerate(probs):
-        names = (
-            labels
-            if labels and len(labels) == len(row)
-            else [f"LABEL_{j}" for j in range(len(row))]
-        )
-        best = max(range(len(row)), key=row.__getitem__)
-        data.append(
-            Classification(
-                index=i,
-                label=names[best],
-                score=row[best],
-                scores=dict(zip(names, row, strict=True)),
-            )
-        )
-    return ClassifyResponse(model=body.model, data=data)
+    return ClassifyResponse.from_probs(body.model, probs, state.engine.labels_of(target))
