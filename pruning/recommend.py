@@ -21,6 +21,8 @@ linear weights have rms 0.061). Thresholds:
   worse there: the variance DAREx-q removes was not the problem.
 - ``SMALL_NR < nr <= LARGE_NR`` (2.0): DAREx-q; q from labels (grid search) or from
   calibration inputs (per-layer least squares); with neither, DARE.
+- the fine-tune changed at most a fraction 1-p of the entries: magnitude, which
+  then keeps every changed entry exactly (statistics count changed entries only).
 - ``nr > LARGE_NR`` or relative spread ``std(|d|)/mean(|d|) > HEAVY_SPREAD`` (3.0):
   WANDA with calibration inputs, else magnitude. At nr > 2 the DARE noise is twice
   the weights themselves (the lr 2e-4 x 3 epochs fine-tune, where DARE collapsed);
@@ -58,6 +60,12 @@ class DeltaStats:
     mean: float  # signed mean of d
     max_abs: float
     base_rms: float | None = None  # rms of the base weights, when known
+    size: int = 0  # entries of the tensor(s), changed or not (numel counts the changed ones)
+
+    @property
+    def density(self) -> float:
+        """Fraction of entries the fine-tune changed."""
+        return self.numel / self.size if self.size else 1.0
 
     @property
     def spread(self) -> float:
@@ -72,13 +80,26 @@ class DeltaStats:
 
 @torch.no_grad()
 def delta_stats(d: torch.Tensor, base: torch.Tensor | None = None) -> DeltaStats:
-    """Statistics of ``d`` (and the rms of ``base`` when given), in fp64."""
+    """Statistics of the entries the fine-tune changed (``d != 0``), in fp64.
+
+    Exact zeros are left out: Adam leaves the embedding rows of tokens the
+    fine-tune never saw exactly at the base, and counting those ~11M zeros of
+    MiniLM's word embedding would halve the rms and hide a delta that DARE
+    cannot keep. ``base_rms`` is taken over the same entries when ``base`` is given.
+    """
     x = d.detach().double().reshape(-1)
+    changed = x != 0
+    x = x[changed]
     a = x.abs()
     n = x.numel()
     if n == 0:
-        return DeltaStats(0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    base_rms = None if base is None else float(base.double().pow(2).mean().sqrt())
+        return DeltaStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, size=int(changed.numel()))
+    if base is None:
+        base_rms = None
+    else:
+        w = base.detach().double().reshape(-1)
+        w = w[changed] if w.numel() == changed.numel() else w
+        base_rms = float(w.pow(2).mean().sqrt())
     return DeltaStats(
         numel=n,
         mean_abs=float(a.mean()),
@@ -87,15 +108,18 @@ def delta_stats(d: torch.Tensor, base: torch.Tensor | None = None) -> DeltaStats
         mean=float(x.mean()),
         max_abs=float(a.max()),
         base_rms=base_rms,
+        size=int(changed.numel()),
     )
 
 
 def merge_stats(stats: Iterable[DeltaStats]) -> DeltaStats:
     """Element-weighted merge of per-layer statistics into one."""
+    stats = list(stats)
+    size = sum(s.size for s in stats)
     stats = [s for s in stats if s.numel > 0]
     n = sum(s.numel for s in stats)
     if n == 0:
-        return DeltaStats(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return DeltaStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, size=size)
     mean_abs = sum(s.numel * s.mean_abs for s in stats) / n
     ms = sum(s.numel * s.rms**2 for s in stats) / n  # mean d^2 = mean |d|^2
     has_base = all(s.base_rms is not None for s in stats)
@@ -108,6 +132,7 @@ def merge_stats(stats: Iterable[DeltaStats]) -> DeltaStats:
         mean=sum(s.numel * s.mean for s in stats) / n,
         max_abs=max(s.max_abs for s in stats),
         base_rms=math.sqrt(base_ms) if has_base else None,
+        size=size,
     )
 
 
@@ -156,6 +181,13 @@ def recommend(
             )
         return Recommendation(
             Method.dare, {"p": p, "q": None}, f"LoRA delta B@A, no data to pick q: DARE ({where})"
+        )
+    if s.size and s.density <= 1.0 - p:
+        return Recommendation(
+            Method.magnitude,
+            {"p": p, "q": None},
+            f"the fine-tune changed only {s.density:.2%} of the entries: magnitude keeps "
+            f"every one of them, exactly ({where})",
         )
     if nr > LARGE_NR or spread > HEAVY_SPREAD:
         why = "large delta" if nr > LARGE_NR else "heavy-tailed delta"

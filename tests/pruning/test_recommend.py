@@ -47,11 +47,17 @@ def test_large_or_heavy_tailed_delta_takes_an_importance_method() -> None:
     assert recommend(big, has_labels=True, is_lora=False).method is Method.magnitude
     rec = recommend(big, has_labels=False, is_lora=False, has_calib=True)
     assert rec.method is Method.wanda and "large" in rec.reason
-    spiky = torch.zeros(20_000)
-    spiky[::500] = 0.02  # few big entries, small rms
+    spiky = _gauss(2e-4)
+    spiky[::500] = 0.2  # few big entries on a small dense delta
     s = delta_stats(spiky)
-    assert s.spread > 3
+    assert s.spread > 3 and s.noise_ratio(0.99) <= 2
     assert recommend(s, has_labels=False, is_lora=False).method is Method.magnitude
+    sparse = torch.zeros(20_000)
+    sparse[::500] = 0.02  # the fine-tune touched 0.2% of the entries
+    s = delta_stats(sparse)
+    assert s.numel == 40 and s.density == pytest.approx(0.002)
+    rec = recommend(s, has_labels=True, is_lora=False)
+    assert rec.method is Method.magnitude and "exactly" in rec.reason
     # the base's own scale decides: the same delta is small next to big weights
     s_base = delta_stats(_gauss(3e-2), base=torch.ones(10))
     assert recommend(s_base, has_labels=False, is_lora=False).method is Method.dare
@@ -64,3 +70,16 @@ def test_lora_per_layer_mapping_and_adamr() -> None:
     rec = recommend(per_layer, has_labels=False, is_lora=False, controls_finetune=True)
     assert rec.method is Method.dare and rec.params["optimizer"] == "adamr"
     assert rec.params["norm"] == "l2" and rec.params["reg"] > 0
+
+
+def test_untouched_entries_do_not_dilute_the_statistics() -> None:
+    """Rows a fine-tune never touched (exact zeros) must not hide a delta DARE cannot keep."""
+    d = _gauss(6e-3)
+    padded = torch.cat([d, torch.zeros(3 * d.numel())])
+    s, sp = delta_stats(d), delta_stats(padded)
+    for field in ("numel", "mean_abs", "std_abs", "rms", "max_abs"):
+        assert getattr(sp, field) == pytest.approx(getattr(s, field), rel=1e-12), field
+    assert sp.density == pytest.approx(0.25)
+    assert recommend(sp, has_labels=True, is_lora=False).method is Method.darex_q
+    base = torch.cat([torch.full_like(d, 0.05), torch.full((3 * d.numel(),), 9.0)])
+    assert delta_stats(padded, base=base).base_rms == pytest.approx(0.05)
