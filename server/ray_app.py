@@ -42,7 +42,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from server.api.errors import describe, log_error
+from server.api.routes.openai import render_chat
 from server.api.schemas import (
+    ChatMessage,
     ClassifyRequest,
     ClassifyResponse,
     Embedding,
@@ -77,13 +79,6 @@ def _validate(schema: type[BaseModel], body: dict[str, Any]) -> Any:
         first = e.errors()[0]
         field = ".".join(str(x) for x in first["loc"]) or None
         raise InvalidRequest(f"{field}: {first['msg']}", field=field) from None
-
-
-def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]
-    return "\n".join([*lines, "assistant:"])
 
 
 class Runtime:
@@ -140,11 +135,13 @@ class Runtime:
             labels = self.engine.labels_of(target)
             return ClassifyResponse.from_probs(model, probs, labels).model_dump()
         params = _params(body, self.settings.max_new_tokens)
+        prompt: str | list[int]
         if kind == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise InvalidRequest("'messages' must be a non-empty list", "messages")
-            prompt = _chat_prompt(self.engine.tokenizer, messages)
+            msgs = [_validate(ChatMessage, m if isinstance(m, dict) else {}) for m in messages]
+            prompt = render_chat(self.engine.tokenizer, msgs)  # the same tokens as the app's
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
