@@ -20,29 +20,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``redis://127.0.0.1:<port>/0`` of a redis-server started for this session."""
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server on a free loopback port, no persistence; returns it once it answers."""
     if not Path(REDIS_SERVER).exists():
         pytest.skip("redis-server binary not installed")
     import redis
 
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(
-        [
-            REDIS_SERVER,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
+        [REDIS_SERVER, *args, "--dir", str(workdir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -59,6 +46,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 raise RuntimeError("redis-server did not start") from None
             time.sleep(0.05)
     client.close()
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis://127.0.0.1:<port>/0`` of a redis-server started for this session."""
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     proc.terminate()
     try:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 
 from storage.errors import ModelExists, RegistryUnavailable, UnknownJob, UnknownModel
 from storage.registry import open_registry
+from tests.storage.conftest import start_redis
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
 
@@ -110,41 +109,10 @@ def test_unreachable_backends_raise_registry_unavailable(tmp_path) -> None:
 
 
 def test_redis_outage_mid_use_raises_registry_unavailable(tmp_path) -> None:
-    import subprocess
-    import time
-
-    redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not Path(redis_server).exists():
-        pytest.skip("redis-server binary not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            redis_server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    proc, url = start_redis(tmp_path)
     try:
-        reg = open_registry(f"redis://127.0.0.1:{port}/0")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                reg.set_model("m", KEY_A)
-                break
-            except RegistryUnavailable:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+        reg = open_registry(url)
+        reg.set_model("m", KEY_A)
         assert reg.get_model("m") == KEY_A
     finally:
         proc.kill()
