@@ -160,11 +160,36 @@ class SQLiteRegistry(Registry):
             self._db = sqlite3.connect(
                 self.path, timeout=30.0, check_same_thread=False, isolation_level=None
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            try:
+                self._initialise(deadline=time.monotonic() + 30.0)
+            except BaseException:
+                self._db.close()
+                raise
         except (OSError, sqlite3.Error) as e:
             raise RegistryUnavailable(f"cannot open SQLite registry {self.path}: {e}") from e
+
+    def _initialise(self, deadline: float) -> None:
+        """Switch to WAL and create the schema, retrying while another opener holds the lock.
+
+        SQLite does not call the busy handler when switching a fresh file to WAL
+        or for the first schema write of a racing opener, so several processes
+        opening a new registry at once get "database is locked" at once; retry
+        with a short backoff until the connection timeout instead.
+        """
+        delay = 0.005
+        while True:
+            try:
+                mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         with self._lock:
