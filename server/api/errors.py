@@ -144,4 +144,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
     for cls in {c for c, *_ in ERROR_MAP}:
         app.add_exception_handler(cls, _domain_handler)
+    # OSError gets its own handler so a full disk (507) is answered by the exception
+    # middleware; the catch-all below runs in Starlette's ServerErrorMiddleware, which
+    # re-raises after answering, and the server then drops the keep-alive connection.
+    app.add_exception_handler(OSError, _domain_handler)
     app.add_exception_handler(Exception, _domain_handler)  # 500, no internals to the client

@@ -150,9 +150,28 @@ async def receive_upload(
         parser.finalize()
         if errors:
             raise errors[0]
-    except BaseException:
+    except BaseException as e:
         if cur.out is not None and not cur.out.closed:
             cur.out.close()
         up.cleanup()
+        if isinstance(e, Exception) and not isinstance(e, PayloadTooLarge):
+            await _drain(body, max_bytes - up.nbytes)
         raise
     return up
+
+
+async def _drain(body: AsyncIterator[bytes], limit: int) -> None:
+    """Read and discard the rest of a refused upload (at most ``limit`` bytes).
+
+    A server that answers before the client has sent its whole body and then closes
+    the connection makes most clients report "connection reset" instead of the answer
+    (a disk-full 507 arrived as a reset this way); reading the rest first lets the
+    error response through. Bounded by the upload limit, so it cannot be abused.
+    """
+    try:
+        async for chunk in body:
+            limit -= len(chunk)
+            if limit < 0:
+                return
+    except Exception:  # the client went away: nothing left to answer
+        return
