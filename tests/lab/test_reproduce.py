@@ -82,3 +82,33 @@ def test_quick_reproduction_asserts_the_headline(tmp_path: Path) -> None:
     assert "headline reproduced" in res.output
     assert (tmp_path / "reproduce-quick.md").is_file()
     print(f"quick reproduction: {time.perf_counter() - t0:.0f} s")
+
+
+@pytest.mark.parametrize(
+    ("arch", "spec", "opts"),
+    [
+        ("encoder", "adamr", {**TINY, "optimizer": "adamr-l2", "reg": 0.1}),
+        ("encoder", "lora", {"lora": True, "rank": 4, "lr": 1e-3, "max_steps": 4, "max_train": 64}),
+        ("decoder", "adam", {**TINY, "max_train": 32}),
+    ],
+)
+def test_every_method_gives_a_row(
+    arch: str, spec: str, opts: dict, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Each method of the full grid runs on each kind of fine-tune: a metric per mask seed,
+    a q in DAREx-q's range, stored bytes, and a recommendation naming a method of the grid."""
+    folder, task = (
+        (tiny_bert_dir, "rt-sentiment") if arch == "encoder" else (tiny_llama_dir, "arith")
+    )
+    base = resolve_base(folder, tmp_path)
+    budget = rp.Budget(test=8, val=8, calib=4, max_length=32, seeds=(0, 1))
+    rows = rp.run_part(tmp_path / "w", base, load_task(task), spec, opts, budget, (0.9,))
+    cells = {r.method: r for r in rows if r.p == 0.9}
+    assert set(rp.METHODS) | {"recommend"} == set(cells)
+    for m in rp.METHODS:
+        r = cells[m]
+        assert all(0.0 <= v <= 1.0 for v in r.values) and r.stored_bytes > 0, r
+        assert len(r.values) == (2 if m in rp.SEEDED else 1), r
+        if m.startswith("darex_q"):
+            assert 0.1 - 1e-9 <= r.q <= 1.0, r
+    assert cells["recommend"].extra["pick"] in rp.METHODS
