@@ -38,31 +38,14 @@ METHODS = ("dare", *(f"darex_q/{c}" for c in Q_CHOICES), "magnitude", "wanda", "
 SEEDED = {"dare", "structural", *(f"darex_q/{c}" for c in Q_CHOICES)}
 
 # Fine-tune settings (``server.training.FinetuneOptions`` fields) by name.
+# The large-delta fine-tune; AdamR runs the same schedule on the same examples.
+_LARGE: dict[str, Any] = {"lr": 3e-4, "max_steps": 450, "max_train": 4000}
 ENCODER_SPECS: dict[str, dict[str, Any]] = {
     "adam-small": {"lr": 5e-5, "epochs": 1, "max_train": 4000},  # small deltas
-    "adam-large": {
-        "lr": 3e-4,
-        "max_steps": 500,
-        "max_train": 4000,
-    },  # large deltas
-    "adamr-l2-0.1": {
-        "lr": 3e-4,
-        "max_steps": 500,
-        "optimizer": "adamr-l2",
-        "reg": 0.1,
-    },
-    "adamr-l2-1": {
-        "lr": 3e-4,
-        "max_steps": 500,
-        "optimizer": "adamr-l2",
-        "reg": 1.0,
-    },
-    "adamr-l1-0.1": {
-        "lr": 3e-4,
-        "max_steps": 500,
-        "optimizer": "adamr-l1",
-        "reg": 0.1,
-    },
+    "adam-large": _LARGE,  # large deltas
+    "adamr-l2-0.1": {**_LARGE, "optimizer": "adamr-l2", "reg": 0.1},
+    "adamr-l2-1": {**_LARGE, "optimizer": "adamr-l2", "reg": 1.0},
+    "adamr-l1-0.1": {**_LARGE, "optimizer": "adamr-l1", "reg": 0.1},
     "lora": {"lora": True, "rank": 8, "lr": 1e-3, "epochs": 1, "max_train": 4000},
 }
 DECODER_SPECS: dict[str, dict[str, Any]] = {
@@ -79,7 +62,7 @@ DECODER_SPECS: dict[str, dict[str, Any]] = {
 }
 # The CI check's fine-tune: the large-delta regime in as few step-seconds as possible.
 # rt snippets are short (median 26 tokens), so 32 tokens per example halve the step cost.
-QUICK_SPEC: dict[str, Any] = {"lr": 3e-4, "max_steps": 450, "max_train": 4000}
+QUICK_SPEC: dict[str, Any] = ENCODER_SPECS["adam-large"]
 TASKS = {
     "minilm-l6": ("rt-sentiment", "rt-subjectivity", "convention-party"),
     "smollm2-135m": ("arith", "rt-sentiment-gen"),

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(2 << 30, description="Largest accepted upload.")
     max_tensors: int = Field(10_000, description="Most tensors accepted in one checkpoint.")
+    job_stale_s: float = Field(
+        120.0,
+        gt=0,
+        description="An ingest job silent this long was interrupted and reads as failed.",
+    )
     max_batch_size: int = Field(8, description="Requests of one model run together.")
     max_batches_per_turn: int = Field(
         4, description="Batches of the active model before a waiting model gets the engine."

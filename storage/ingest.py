@@ -27,6 +27,7 @@ from pruning.errors import PruningError
 from pruning.methods import prune_tensor
 from pruning.select import Selector, default_patterns
 from storage import codec
+from storage.bases import tensor_names
 from storage.checkpoint import Checkpoint, open_checkpoint, plan_against_base, read_task
 from storage.errors import BadCheckpoint, BaseMismatch, ModelExists, UnknownModel
 from storage.manifest import BaseRef, Manifest, TensorEntry
@@ -114,6 +115,12 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise BadCheckpoint(f"tensor {name!r} holds {bad} NaN/Inf value(s)")
+
+
+def check_tensor_count(n: int, limit: int) -> None:
+    """Refuse a checkpoint or adapter with more tensors than ``DAREX_MAX_TENSORS``."""
+    if n > limit:
+        raise BadCheckpoint(f"checkpoint has {n} tensors, at most {limit} (DAREX_MAX_TENSORS)")
 
 
 def is_lora_adapter(path: Path) -> bool:
@@ -204,11 +211,11 @@ def ingest(
     if lora:
         from storage.lora_ingest import lora_source  # needs ingest.Source
 
+        check_tensor_count(len(tensor_names(Path(path))), max_tensors)  # headers only
         source = lora_source(Path(path), base_ckpt)
     else:
         ft = open_checkpoint(path)
-        if len(ft.meta) > max_tensors:
-            raise BadCheckpoint(f"checkpoint has {len(ft.meta)} tensors, at most {max_tensors}")
+        check_tensor_count(len(ft.meta), max_tensors)
         source = _full_source(ft, base_ckpt)
     # Bad values are refused before the first blob is written: a refused
     # checkpoint leaves the store exactly as it was.

@@ -76,6 +76,11 @@ def create_app(
             max_new_tokens=settings.max_new_tokens,
             on_swap=metrics.on_swap,
         )
+        from server.api.jobs import JobHeartbeat
+
+        state.heartbeat = JobHeartbeat(
+            state.store.registry, settings.data_dir / "uploads", settings.job_stale_s
+        ).start()
         log.info("serving", extra={"base": state.base_id, "device": str(state.engine.device)})
         try:
             yield
@@ -84,6 +89,7 @@ def create_app(
                 state.scheduler.close()
             state.scheduler = None
             state.jobs.shutdown(wait=True)
+            state.heartbeat.close()  # after the last job ended: it beats until then
             for part in reversed(owned):
                 part.close()
 

@@ -24,6 +24,7 @@ class AppState:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="darex-ingest")
     )
     started: float = field(default_factory=time.time)
+    heartbeat: Any = None  # server.api.jobs.JobHeartbeat while serving
 
     @property
     def base_id(self) -> str:

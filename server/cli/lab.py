@@ -60,6 +60,8 @@ def reproduce(
     rates: str = typer.Option("", help="Comma-separated rates (default 0.5,0.9,0.95,0.99,0.999)."),
     methods: str = typer.Option("", help="Comma-separated methods (default: all)."),
     test: int = typer.Option(600, help="Test examples per evaluation."),
+    val: int = typer.Option(200, help="Validation examples for the labeled q search."),
+    max_length: int = typer.Option(128, help="Tokens per example (longer ones are cut)."),
     report_only: bool = typer.Option(False, help="Only rebuild the report from the results."),
 ) -> None:
     """Fine-tune, prune with every method at every rate, evaluate; tables and plots."""
@@ -87,7 +89,7 @@ def reproduce(
     full = work / "full"
     if not report_only:
         specs = rp.DECODER_SPECS if info.arch == "decoder" else rp.ENCODER_SPECS
-        budget = rp.Budget(test=test)
+        budget = rp.Budget(test=test, val=val, max_length=max_length)
         rate_list = tuple(float(x) for x in rates.split(",")) if rates else rp.RATES
         method_list = tuple(methods.split(",")) if methods else rp.METHODS
         for task in only or rp.TASKS[info.name if info.name in rp.TASKS else "minilm-l6"]:

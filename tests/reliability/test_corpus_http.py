@@ -358,3 +358,27 @@ def test_wrong_content_type_and_method(live: Live, category) -> None:
         "/admin/models", headers={**AUTH, "content-type": "application/json"}, content=b"{}"
     )
     assert_error(r, (415, 422), "multipart")
+
+
+def test_lora_adapter_with_too_many_tensors_is_refused(
+    live: Live, tiny_llama_dir: Path, tmp_path: Path, category
+) -> None:
+    """The tensor limit holds for PEFT adapters too (headers only, 422, nothing stored)."""
+    category("upload/tensor-limit")
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    folder = tmp_path / "adapter"
+    get_peft_model(LlamaForCausalLM.from_pretrained(tiny_llama_dir), cfg).save_pretrained(folder)
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    one = next(iter(t.values()))
+    t.update({f"base_model.model.extra.{i}.weight": one.clone() for i in range(MAX_TENSORS)})
+    save_file(t, str(folder / "adapter_model.safetensors"))
+    before = snapshot(live.store)
+    r = live.client.post(
+        "/admin/models", headers=AUTH, data={"model_id": "many-lora"}, files=upload_files(folder)
+    )
+    assert_error(r, 422, "DAREX_MAX_TENSORS")
+    unchanged(live, before)

@@ -17,12 +17,13 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 
 from server.api.deps import SettingsDep, StateDep, StoreDep, require_admin
+from server.api.jobs import effective_job
 from server.api.schemas import Deleted, JobAccepted, JobPublic, ModelPublic
 from server.api.state import AppState
 from server.api.upload import Upload, receive_upload
 from server.errors import InvalidRequest
 from server.logging import model_id_var
-from storage.errors import BadCheckpoint, ModelExists, UnknownModel
+from storage.errors import ModelExists, UnknownModel
 from storage.modelid import validate_model_id
 
 log = logging.getLogger(__name__)
@@ -61,18 +62,17 @@ def _checkpoint_path(up: Upload) -> Path:
 
 def _precheck(state: AppState, folder: Path) -> None:
     """Header-only check of a full checkpoint against the base (raises ``BaseMismatch``)."""
+    from storage.bases import tensor_names
     from storage.checkpoint import open_checkpoint, plan_against_base
-    from storage.ingest import is_lora_adapter
+    from storage.ingest import check_tensor_count, is_lora_adapter
 
-    if is_lora_adapter(folder) or state.base is None:
+    if is_lora_adapter(folder):
+        check_tensor_count(len(tensor_names(folder)), state.settings.max_tensors)
         return
     ckpt = open_checkpoint(folder)
-    limit = state.settings.max_tensors
-    if len(ckpt.meta) > limit:
-        raise BadCheckpoint(
-            f"checkpoint has {len(ckpt.meta)} tensors, at most {limit} (DAREX_MAX_TENSORS)"
-        )
-    plan_against_base(ckpt, open_checkpoint(state.base.path))
+    check_tensor_count(len(ckpt.meta), state.settings.max_tensors)
+    if state.base is not None:
+        plan_against_base(ckpt, open_checkpoint(state.base.path))
 
 
 def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
@@ -99,6 +99,8 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
         log.exception("ingest failed", extra={"model_id": model_id, "job_id": job_id})
         reg.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}", message="failed")
     finally:
+        if state.heartbeat is not None:
+            state.heartbeat.discard(job_id)
         up.cleanup()
 
 
@@ -144,6 +146,8 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         raise
     rate = settings.default_rate if rate is None else rate
     opts = {"method": method, "p": rate, "q": q, "replace": replace, "task": task}
+    if state.heartbeat is not None:
+        state.heartbeat.add(job.id, up.folder)
     state.jobs.submit(_run_ingest, state, job.id, model_id, up, opts)
     log.info(
         "upload accepted", extra={"job_id": job.id, "bytes": up.nbytes, "files": sorted(up.files)}
@@ -152,9 +156,10 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
-async def get_job(job_id: str, store: StoreDep) -> JobPublic:
+async def get_job(job_id: str, store: StoreDep, settings: SettingsDep) -> JobPublic:
+    """A job's state; one whose server died mid-way reads ``failed`` ("interrupted")."""
     job = await asyncio.to_thread(store.registry.get_job, job_id)
-    return JobPublic(**job.model_dump())
+    return JobPublic(**effective_job(job, settings.job_stale_s).model_dump())
 
 
 @router.get("/models/{model_id}", response_model=ModelPublic)
