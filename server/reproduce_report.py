@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server.reproduce import METHODS, Row
+from server.training import RESULT_FILE
 
 
 def _key(r: Row) -> tuple[str, str, str]:
@@ -41,13 +42,31 @@ def best_method(cells: dict[tuple[str, float], Row], p: float) -> tuple[str, flo
     return m, mean
 
 
-def table(rows: list[Row]) -> list[str]:
+def finetune_line(rec: dict, eval_s: float) -> str:
+    """How the fine-tune was made (from its ``darex_finetune.json``) and what it cost."""
+    s = rec.get("settings", {})
+    how = "LoRA r={}".format(s.get("rank")) if s.get("lora") else s.get("optimizer", "adam")
+    if s.get("reg"):
+        how += f" lambda={s['reg']:g}"
+    return (
+        f"fine-tune: {how}, lr {s.get('lr', 0):g}, {rec.get('steps')} steps of "
+        f"{s.get('batch_size')} on {rec.get('train_examples')} examples, "
+        f"{s.get('max_length')} tokens: {rec.get('seconds', 0):.0f} s; "
+        f"evaluations {eval_s:.0f} s"
+    )
+
+
+def table(rows: list[Row], finetune: dict | None = None) -> list[str]:
     """One markdown table: methods as rows, rates as columns (metric x100, mean ± std)."""
     cells = {(r.method, r.p): r for r in rows}
     rates = sorted({r.p for r in rows if r.method in METHODS})
     ref = cells.get(("unpruned", 0.0))
     base = cells.get(("base", 0.0))
     lines = []
+    if finetune:
+        # the reference pair shares one timing; count it once
+        eval_s = sum(r.seconds for r in rows if r.method != "base")
+        lines += [finetune_line(finetune, eval_s), ""]
     if ref:
         x = ref.extra
         lines.append(
@@ -180,11 +199,19 @@ def write_plots(rows: Sequence[Row], out: Path, prefix: str = "reproduce") -> li
     return paths
 
 
-def tables_markdown(rows: Sequence[Row], plots_rel: str = "") -> list[str]:
+def tables_markdown(
+    rows: Sequence[Row], plots_rel: str = "", work: Path | None = None
+) -> list[str]:
+    """Every setting's table (with its fine-tune's record when ``work`` holds it), then
+    recommend()'s hit rate."""
+    import json
+
     lines: list[str] = []
     for (base, task, spec), rs in groups(rows).items():
+        rec_file = work / base / task / spec / RESULT_FILE if work else None
+        rec = json.loads(rec_file.read_text()) if rec_file and rec_file.is_file() else None
         lines += [f"### {base} / {task} / {spec}", ""]
-        lines += table(rs)
+        lines += table(rs, rec)
         if plots_rel:
             lines += ["", f"![{task} {spec}]({plots_rel}reproduce-{base}-{task}-{spec}.png)"]
         lines.append("")
