@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,15 @@ def ray_url(store_dir: dict, tiny_bert_dir: Path) -> Iterator[str]:
     from server.ray_app import build_app
 
     port = free_port()
+    # Ray Serve kills a proxy that is not ready within 5 s; on a 2-core runner busy with
+    # the rest of the suite its start can take longer (seen: killed three times in a row,
+    # every test of the module errored). The actors inherit this environment.
+    slow_start = {
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    }
+    saved = {k: os.environ.get(k) for k in slow_start}
+    os.environ.update(slow_start)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -72,6 +82,11 @@ def ray_url(store_dir: dict, tiny_bert_dir: Path) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _classify(url: str, model: str) -> httpx.Response:
