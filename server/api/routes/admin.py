@@ -61,7 +61,8 @@ def _checkpoint_path(up: Upload) -> Path:
 
 
 def _precheck(state: AppState, folder: Path) -> None:
-    """Header-only check of a full checkpoint against the base (raises ``BaseMismatch``)."""
+    """Header-only checks before a job exists: the tensor count (full checkpoint or LoRA
+    adapter, ``DAREX_MAX_TENSORS``) and a full checkpoint's shapes against the base."""
     from storage.bases import tensor_names
     from storage.checkpoint import open_checkpoint, plan_against_base
     from storage.ingest import check_tensor_count, is_lora_adapter
