@@ -116,6 +116,16 @@ def test_oversized_upload_is_413_with_and_without_content_length(live: Live, cat
     unchanged(live, before)
 
 
+def assert_upload_refused(live: Live, folder: Path, model_id: str, match: str) -> None:
+    """Uploading ``folder`` is a 422 whose message matches, and the store is unchanged."""
+    before = snapshot(live.store)
+    r = live.client.post(
+        "/admin/models", headers=AUTH, data={"model_id": model_id}, files=upload_files(folder)
+    )
+    assert_error(r, 422, match)
+    unchanged(live, before)
+
+
 def test_too_many_tensors_is_refused_at_upload(live: Live, good_ft_dir, tmp_path, category) -> None:
     """``DAREX_MAX_TENSORS`` is checked with the headers, before a job exists (422)."""
     category("upload/tensor-limit")
@@ -127,12 +137,7 @@ def test_too_many_tensors_is_refused_at_upload(live: Live, good_ft_dir, tmp_path
     folder.mkdir()
     (folder / "config.json").write_bytes((good_ft_dir / "config.json").read_bytes())
     save_file(t, str(folder / "model.safetensors"))
-    before = snapshot(live.store)
-    r = live.client.post(
-        "/admin/models", headers=AUTH, data={"model_id": "many"}, files=upload_files(folder)
-    )
-    assert_error(r, 422, "tensors")
-    unchanged(live, before)
+    assert_upload_refused(live, folder, "many", "tensors")
 
 
 def test_upload_file_names_are_not_paths(live: Live, tmp_path: Path, category) -> None:
@@ -376,9 +381,4 @@ def test_lora_adapter_with_too_many_tensors_is_refused(
     one = next(iter(t.values()))
     t.update({f"base_model.model.extra.{i}.weight": one.clone() for i in range(MAX_TENSORS)})
     save_file(t, str(folder / "adapter_model.safetensors"))
-    before = snapshot(live.store)
-    r = live.client.post(
-        "/admin/models", headers=AUTH, data={"model_id": "many-lora"}, files=upload_files(folder)
-    )
-    assert_error(r, 422, "DAREX_MAX_TENSORS")
-    unchanged(live, before)
+    assert_upload_refused(live, folder, "many-lora", "DAREX_MAX_TENSORS")
