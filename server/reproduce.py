@@ -43,6 +43,7 @@ _LARGE: dict[str, Any] = {"lr": 3e-4, "max_steps": 450, "max_train": 4000}
 ENCODER_SPECS: dict[str, dict[str, Any]] = {
     "adam-small": {"lr": 5e-5, "epochs": 1, "max_train": 4000},  # small deltas
     "adam-large": _LARGE,  # large deltas
+    "adamr-l2-0.01": {**_LARGE, "optimizer": "adamr-l2", "reg": 0.01},
     "adamr-l2-0.1": {**_LARGE, "optimizer": "adamr-l2", "reg": 0.1},
     "adamr-l2-1": {**_LARGE, "optimizer": "adamr-l2", "reg": 1.0},
     "adamr-l1-0.1": {**_LARGE, "optimizer": "adamr-l1", "reg": 0.1},

@@ -78,6 +78,7 @@ def test_quick_reproduction_asserts_the_headline(tmp_path: Path) -> None:
     res = CliRunner().invoke(
         app, ["reproduce", "--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
     )
+    print(*(line for line in res.output.splitlines() if "DAREx-q - DARE" in line))
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "headline reproduced" in res.output
     assert (tmp_path / "reproduce-quick.md").is_file()
