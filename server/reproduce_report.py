@@ -7,6 +7,7 @@ each DAREx-q choice picked against the best q found by the labeled search.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,8 +205,6 @@ def tables_markdown(
 ) -> list[str]:
     """Every setting's table (with its fine-tune's record when ``work`` holds it), then
     recommend()'s hit rate."""
-    import json
-
     lines: list[str] = []
     for (base, task, spec), rs in groups(rows).items():
         rec_file = work / base / task / spec / RESULT_FILE if work else None

@@ -148,6 +148,9 @@ def _sqlite_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+_OPEN_TIMEOUT_S = 30.0  # how long an opener waits for a lock held by another process
+
+
 class SQLiteRegistry(Registry):
     """One connection guarded by a lock; WAL lets other processes read while one writes."""
 
@@ -158,10 +161,10 @@ class SQLiteRegistry(Registry):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
-                self.path, timeout=30.0, check_same_thread=False, isolation_level=None
+                self.path, timeout=_OPEN_TIMEOUT_S, check_same_thread=False, isolation_level=None
             )
             try:
-                self._initialise(deadline=time.monotonic() + 30.0)
+                self._initialise(deadline=time.monotonic() + _OPEN_TIMEOUT_S)
             except BaseException:
                 self._db.close()
                 raise

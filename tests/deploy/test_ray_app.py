@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,42 +50,34 @@ def ray_url(store_dir: dict, tiny_bert_dir: Path) -> Iterator[str]:
     # Ray Serve kills a proxy that is not ready within 5 s; on a 2-core runner busy with
     # the rest of the suite its start can take longer (seen: killed three times in a row,
     # every test of the module errored). The actors inherit this environment.
-    slow_start = {
-        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-    }
-    saved = {k: os.environ.get(k) for k in slow_start}
-    os.environ.update(slow_start)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "DAREX_LOG_JSON": "false"}},
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        target = build_app(
-            {
-                "num_replicas": 2,
-                "num_cpus": 0.5,
-                "base": str(tiny_bert_dir),
-                "data_dir": str(store_dir["data"]),
-                "registry_url": store_dir["registry"],
-                "device": "cpu",
-                "dtype": "float32",
-                "env": "development",
-            }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+        mp.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "DAREX_LOG_JSON": "false"}},
         )
-        serve.run(target, blocking=False, name="darex")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            target = build_app(
+                {
+                    "num_replicas": 2,
+                    "num_cpus": 0.5,
+                    "base": str(tiny_bert_dir),
+                    "data_dir": str(store_dir["data"]),
+                    "registry_url": store_dir["registry"],
+                    "device": "cpu",
+                    "dtype": "float32",
+                    "env": "development",
+                }
+            )
+            serve.run(target, blocking=False, name="darex")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def _classify(url: str, model: str) -> httpx.Response:
