@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pruning.calib import capture
 from pruning.q import analytical_q, lsq_q, output_change_score, search_q_global
-from pruning.recommend import recommend
+from pruning.recommend import DeltaStats, recommend
 from server.reproduce_lab import Lab, by_length, mean_std, open_lab, slug
 from server.training import RESULT_FILE, finetune
 from storage.bases import BaseInfo
@@ -46,7 +46,11 @@ ENCODER_SPECS: dict[str, dict[str, Any]] = {
     "adamr-l2-0.01": {**_LARGE, "optimizer": "adamr-l2", "reg": 0.01},
     "adamr-l2-0.1": {**_LARGE, "optimizer": "adamr-l2", "reg": 0.1},
     "adamr-l2-1": {**_LARGE, "optimizer": "adamr-l2", "reg": 1.0},
+    # L1's pull is lr * reg * sign(d) / sqrt(vbar): a constant step, not one proportional
+    # to d as L2's, so it compares with L2 at about reg_L2 * rms(d) (1e-3 here).
     "adamr-l1-0.1": {**_LARGE, "optimizer": "adamr-l1", "reg": 0.1},
+    "adamr-l1-1e-4": {**_LARGE, "optimizer": "adamr-l1", "reg": 1e-4},
+    "adamr-l1-1e-5": {**_LARGE, "optimizer": "adamr-l1", "reg": 1e-5},
     "lora": {"lora": True, "rank": 8, "lr": 1e-3, "epochs": 1, "max_train": 4000},
 }
 DECODER_SPECS: dict[str, dict[str, Any]] = {
@@ -192,6 +196,7 @@ def reference_rows(st: Setting) -> list[Row]:
         "mean": stats.mean,
         "spread": stats.spread,
         "base_rms": stats.base_rms,
+        "density": stats.density,
     }
     dt = time.perf_counter() - t0
     return [
@@ -321,13 +326,42 @@ def _rescale(sd, factor: float):
     return replace(sd, values=sd.values.float() * factor, scale=sd.scale * factor)
 
 
-def recommend_row(st: Setting, p: float) -> Row:
-    """What ``recommend()`` picks for this fine-tune at p (labels and calibration at hand)."""
-    rec = recommend(st.lab.stats(), has_labels=True, is_lora=st.spec == "lora", has_calib=True, p=p)
+def _pick(stats: DeltaStats, spec: str, p: float) -> tuple[str, str]:
+    """``recommend()``'s method for a setting of the grid (labels and calibration at hand)."""
+    rec = recommend(stats, has_labels=True, is_lora=spec == "lora", has_calib=True, p=p)
     method = rec.method.value
     if method == "darex_q":
         method = f"darex_q/{rec.params.get('q_method') or 'labeled'}"
-    return st.row("recommend", p, [], (), extra={"pick": method, "reason": rec.reason})
+    return method, rec.reason
+
+
+def pick_from_reference(ref: Row, spec: str, p: float) -> str | None:
+    """The pick of ``recommend()`` as the code is now, from the statistics the unpruned
+    row recorded (rms, spread, base rms, density), so a changed rule is scored on the
+    results at hand without rerunning them. None when the row lacks them. Rows written
+    before density was recorded are full fine-tunes: density 1."""
+    e = ref.extra
+    if "rms" not in e or "spread" not in e:
+        return None
+    size = 10**9
+    numel = round(e.get("density", 1.0) * size)
+    stats = DeltaStats(
+        numel=numel,
+        mean_abs=1.0,
+        std_abs=e["spread"],
+        rms=e["rms"],
+        mean=e.get("mean", 0.0),
+        max_abs=0.0,
+        base_rms=e.get("base_rms"),
+        size=size,
+    )
+    return _pick(stats, spec, p)[0]
+
+
+def recommend_row(st: Setting, p: float) -> Row:
+    """What ``recommend()`` picks for this fine-tune at p (labels and calibration at hand)."""
+    method, reason = _pick(st.lab.stats(), st.spec, p)
+    return st.row("recommend", p, [], (), extra={"pick": method, "reason": reason})
 
 
 # -- drivers -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 console = Console()
 DEFAULT_DATA_DIR = Settings.model_fields["data_dir"].default
+_Q_MODES = ("outchange", "auto", "analytical")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _ST_DTYPE = {
     torch.float64: "F64",
@@ -198,17 +199,54 @@ def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> li
     return out
 
 
-def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
-    """Linear-layer input statistics of the fine-tuned model, keyed by its tensor names."""
+def _load_finetuned(finetuned: Path) -> torch.nn.Module:
+    """The fine-tuned model in fp32, with the class its config names."""
     import transformers
-
-    from pruning.calib import capture
 
     cfg = json.loads((finetuned / "config.json").read_text())
     cls_name = (cfg.get("architectures") or ["AutoModel"])[0]
     cls = getattr(transformers, cls_name, transformers.AutoModel)
-    model = cls.from_pretrained(finetuned, dtype=torch.float32).eval()
+    return cls.from_pretrained(finetuned, dtype=torch.float32).eval()
+
+
+def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
+    """Linear-layer input statistics of the fine-tuned model, keyed by its tensor names."""
+    from pruning.calib import capture
+
+    model = _load_finetuned(finetuned)
     return capture(model, tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
+
+
+def _outchange_q(finetuned: Path, pruned: dict[str, Any], arch: str, batches, p, seed) -> float:
+    """One global q for every pruned tensor: the one whose DAREx-q mask (this seed) changes
+    the fine-tune's outputs on the calibration texts least (last hidden state for
+    encoders, top-5 logits for decoders); q = 1-p (DARE) is the first one tried.
+
+    ``pruned`` maps the checkpoint's tensor names to their deltas. In the reproduction
+    grid this unlabeled choice was within a few points of the labeled search where the
+    per-layer least squares (``--q auto``) fell below DARE (docs/results/reproduce.md).
+    """
+    from pruning.q import output_change_score, search_q_global
+
+    model = _load_finetuned(finetuned)
+    body = model if arch == "decoder" else model.base_model
+    own = dict(body.named_parameters())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    deltas = {}
+    for name, d in pruned.items():
+        key = next((k for k in (name, name.removeprefix(prefix)) if k in own), None)
+        if key is not None:
+            deltas[key] = d
+    if not deltas:
+        raise typer.BadParameter("--q outchange: no pruned tensor is a parameter of the model")
+    score = output_change_score(body, deltas, p, batches, arch=arch, seeds=(seed,))
+    with tqdm(desc="q search (output change)", unit="q") as bar:
+
+        def counted(q: float) -> float:
+            bar.update()
+            return score(q)
+
+        return search_q_global(counted, p, refine=4).q
 
 
 def _copy_side_files(folders: list[Path], out: Path) -> None:
@@ -253,7 +291,11 @@ def prune(
     ] = "dare",
     rate: Annotated[float, typer.Option(help="Pruning rate p in [0, 1).")] = 0.99,
     q: Annotated[
-        str | None, typer.Option(help="FLOAT, auto (least squares) or analytical.")
+        str | None,
+        typer.Option(
+            help="FLOAT; or from --calib texts: outchange (one global q, output change), "
+            "auto (per-layer least squares) or analytical (per layer)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random mask.")] = 0,
     calib: Annotated[Path | None, typer.Option(help="Text file (or .jsonl with 'text').")] = None,
@@ -275,9 +317,9 @@ def prune(
         m = Method(method) if method in {x.value for x in Method} else None
         if m is None:
             raise typer.BadParameter(f"unknown method {method!r}")
-        q_mode = None if q is None else q if q in ("auto", "analytical") else float(q)
+        q_mode = None if q is None else q if q in _Q_MODES else float(q)
         if m is Method.darex_q and q_mode is None:
-            raise typer.BadParameter("darex_q needs --q FLOAT, --q auto or --q analytical")
+            raise typer.BadParameter("darex_q needs --q FLOAT, outchange, auto or analytical")
         if m is Method.dare and q_mode is not None:
             raise typer.BadParameter("dare rescales by 1/(1-p); use --method darex_q for a q")
         needs_calib = m is Method.wanda or isinstance(q_mode, str)
@@ -286,15 +328,27 @@ def prune(
         base_dir, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
         sel = make_selector(arch, include, exclude)
         stats = {}
+        ft_to_base = {fn: bn for bn, fn in plan.pairs.items()}
         if calib is not None:
             batches = _calib_batches(calib, [Path(finetuned), base_dir], calib_samples, 128)
-            stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
+            if q_mode == "outchange":
+                pruned = {}
+                for fname in f.names():
+                    w_ft, bname = f.get(fname), ft_to_base.get(fname)
+                    if bname and w_ft.is_floating_point() and sel.selects(bname, w_ft):
+                        pruned[fname] = compute_delta(b.get(bname), w_ft, fname)
+                q_mode = _outchange_q(Path(finetuned), pruned, arch, batches, p, seed)
+                del pruned
+                n_texts = sum(int(bt["input_ids"].shape[0]) for bt in batches)
+                console.print(f"q by output change on {n_texts} calibration texts: {q_mode:g}")
+            else:
+                stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
         out.mkdir(parents=True, exist_ok=True)
         names = f.names()
         metas = [(n, f.meta[n].dtype, f.meta[n].shape) for n in names]
-        info = {"method": m.value, "p": str(p), "q": str(q), "seed": str(seed), "format": "pt"}
+        q_info = f"outchange={q_mode:g}" if q == "outchange" else str(q)
+        info = {"method": m.value, "p": str(p), "q": q_info, "seed": str(seed), "format": "pt"}
         writer = SafetensorsWriter(out / "model.safetensors", metas, info)
-        ft_to_base = {fn: bn for bn, fn in plan.pairs.items()}
         report: dict[str, dict] = {}
         kept = total = 0
         for fname in tqdm(names, desc="prune", unit="tensor"):

@@ -113,3 +113,9 @@ def test_every_method_gives_a_row(
         if m.startswith("darex_q"):
             assert 0.1 - 1e-9 <= r.q <= 1.0, r
     assert cells["recommend"].extra["pick"] in rp.METHODS
+    # the report scores the rule from the unpruned row's statistics: the same pick
+    ref = next(r for r in rows if r.method == "unpruned")
+    assert rp.pick_from_reference(ref, spec, 0.9) == cells["recommend"].extra["pick"]
+    lab = open_lab(base, tmp_path / "w" / rp.slug(base.name) / task / spec, load_task(task))
+    for p in (0.5, 0.99, 0.999):
+        assert rp.pick_from_reference(ref, spec, p) == rp._pick(lab.stats(), spec, p)[0]

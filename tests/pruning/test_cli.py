@@ -93,7 +93,7 @@ def test_prune_dare_output_loads_and_differs_only_where_kept(tiny_bert_dir, bert
     assert torch.allclose(got[name], expect, atol=1e-6)
 
 
-@pytest.mark.parametrize("q", ["auto", "analytical", "0.2"])
+@pytest.mark.parametrize("q", ["auto", "analytical", "outchange", "0.2"])
 def test_prune_darex_q_with_calibration(tiny_bert_dir, bert_ft, calib_file, tmp_path, q) -> None:
     out = tmp_path / "out"
     _run(
@@ -117,13 +117,18 @@ def test_prune_darex_q_with_calibration(tiny_bert_dir, bert_ft, calib_file, tmp_
         for k, v in json.loads((out / "darex_prune.json").read_text())["tensors"].items()
     }
     lin = scales["encoder.layer.0.attention.self.query.weight"]
+    summary = json.loads((out / "darex_prune.json").read_text())
     if q == "0.2":
         assert lin == pytest.approx(5.0)
+    elif q == "outchange":  # one global q in [1-p, 10(1-p)], recorded, used for every tensor
+        chosen = float(summary["q"].removeprefix("outchange="))
+        assert 0.1 - 1e-9 <= chosen <= 1.0
+        assert all(v == pytest.approx(1.0 / chosen) for v in scales.values())
     elif q == "analytical":
         assert 1.0 < lin <= 10.0 + 1e-9  # q in [1-p, 1)
     else:
         assert lin > 0 and lin != pytest.approx(10.0)
-    if q != "0.2":  # per-layer q: tensors without calibration inputs keep 1-p
+    if q in ("auto", "analytical"):  # per-layer q: tensors without calibration inputs keep 1-p
         assert scales["embeddings.LayerNorm.weight"] == pytest.approx(10.0)
 
 
@@ -157,6 +162,23 @@ def test_prune_wanda_and_decoder_defaults(tiny_llama_dir, calib_file, tmp_path) 
     assert bool((changed.sum(1) <= round(0.25 * changed.shape[1])).all())  # WANDA per row
     ids = torch.tensor([[101, 2000, 2001, 102]])
     assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_prune_outchange_q_on_a_decoder(tiny_llama_dir, calib_file, tmp_path) -> None:
+    """Decoders score q on the logits; the q is searched on the mask that is stored."""
+    ft = _finetune(tiny_llama_dir, tmp_path / "llama-ft", 5e-3)
+    out = tmp_path / "out"
+    args = ["--method", "darex_q", "--rate", "0.75", "--q", "outchange", "--seed", "2"]
+    text = _run("prune", tiny_llama_dir, ft, *args, "--calib", calib_file, "--out", out)
+    assert "q by output change" in text
+    summary = json.loads((out / "darex_prune.json").read_text())
+    chosen = float(summary["q"].removeprefix("outchange="))
+    assert 0.25 - 1e-9 <= chosen <= 1.0
+    scale = summary["tensors"]["model.layers.0.self_attn.q_proj.weight"]["scale"]
+    assert scale == pytest.approx(1.0 / chosen)
+    assert "model.norm.weight" not in summary["tensors"]  # decoder default: kept exact
+    res = runner.invoke(app, ["prune", str(tiny_llama_dir), str(ft), *args, "--out", str(out)])
+    assert res.exit_code != 0 and "--calib" in res.output
 
 
 def test_prune_bad_inputs(tiny_bert_dir, tiny_llama_dir, bert_ft, tmp_path) -> None:

@@ -25,9 +25,21 @@ def test_delta_stats_and_merge() -> None:
 
 
 def test_small_delta_takes_dare_even_with_labels() -> None:
-    rec = recommend(delta_stats(_gauss(2e-3)), has_labels=True, is_lora=False)
+    s = delta_stats(_gauss(8e-4))  # noise ratio 0.16 at p = 0.99
+    assert s.noise_ratio(0.99) < 0.2
+    rec = recommend(s, has_labels=True, is_lora=False)
     assert rec.method is Method.dare and rec.params["p"] == 0.99 and rec.params["q"] is None
     assert "small" in rec.reason
+
+
+def test_delta_dare_lost_on_in_the_grid_takes_darex_q() -> None:
+    """rms 2e-3 (noise ratio 0.4 at p = 0.99): where the grid had DARE 2-21 points behind."""
+    s = delta_stats(_gauss(2e-3))
+    assert 0.2 < s.noise_ratio(0.99) < 0.5
+    rec = recommend(s, has_labels=True, is_lora=False)
+    assert rec.method is Method.darex_q and rec.params["q_method"] == "labeled"
+    assert "moderate" in rec.reason
+    assert recommend(s, has_labels=True, is_lora=False, p=0.9).method is Method.dare
 
 
 def test_moderate_delta_takes_darex_q_when_q_can_be_chosen() -> None:
@@ -35,7 +47,7 @@ def test_moderate_delta_takes_darex_q_when_q_can_be_chosen() -> None:
     rec = recommend(s, has_labels=True, is_lora=False)
     assert rec.method is Method.darex_q and rec.params["q_method"] == "labeled"
     rec = recommend(s, has_labels=False, is_lora=False, has_calib=True)
-    assert rec.method is Method.darex_q and rec.params["q_method"] == "lsq"
+    assert rec.method is Method.darex_q and rec.params["q_method"] == "outchange"
     rec = recommend(s, has_labels=False, is_lora=False)
     assert rec.method is Method.dare and "no labels" in rec.reason
     # a lower rate makes the same delta small
@@ -59,7 +71,7 @@ def test_large_or_heavy_tailed_delta_takes_an_importance_method() -> None:
     rec = recommend(s, has_labels=True, is_lora=False)
     assert rec.method is Method.magnitude and "exactly" in rec.reason
     # the base's own scale decides: the same delta is small next to big weights
-    s_base = delta_stats(_gauss(3e-2), base=torch.ones(10))
+    s_base = delta_stats(_gauss(3e-2), base=torch.full((10,), 2.0))
     assert recommend(s_base, has_labels=False, is_lora=False).method is Method.dare
 
 
