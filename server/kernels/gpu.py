@@ -21,6 +21,8 @@ correctly rounded fp16/bf16/fp32 sum that ``index_add_`` produces.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -32,6 +34,9 @@ except ImportError:
     HAVE_TRITON = False
 
 BLOCK = 1024
+# Triton's interpreter (TRITON_INTERPRET=1, read when the kernel is decorated) runs the
+# kernel on CPU tensors with numpy: the tests check it against the reference without a GPU.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if HAVE_TRITON:
 
@@ -89,7 +94,13 @@ if HAVE_TRITON:
 
 
 def supports(buf: torch.Tensor) -> bool:
+    """Whether the engine picks this kernel by default for ``buf``: CUDA only."""
     return HAVE_TRITON and buf.device.type == "cuda"
+
+
+def can_run(buf: torch.Tensor) -> bool:
+    """``supports``, or a CPU buffer under Triton's interpreter (tests)."""
+    return supports(buf) or (HAVE_TRITON and INTERPRET and buf.device.type == "cpu")
 
 
 def swap_cuda(
@@ -101,7 +112,10 @@ def swap_cuda(
     saved_b: torch.Tensor,
 ) -> None:
     """Restore A, then save and apply B, in one Triton launch (see module docstring)."""
-    assert supports(buf), "triton swap needs a CUDA buffer and triton"
+    if not can_run(buf):
+        raise RuntimeError(
+            "the triton swap needs triton and a CUDA buffer (or TRITON_INTERPRET=1 on CPU)"
+        )
     n_a, n_b = idx_a.numel(), idx_b.numel()
     grid = (triton.cdiv(n_a, BLOCK) + triton.cdiv(n_b, BLOCK),)
     if grid[0] == 0:
