@@ -109,6 +109,35 @@ class Budget:
 # validation examples.
 QUICK_BUDGET = Budget(test=1000, val=300, max_length=32)
 
+# The full grid's budgets, per (base, task): the ones docs/results/reproduce.md ran.
+# rt snippets are short (median 26 tokens), convention-party speeches are longer; the
+# SmolLM2 tasks generate, so they evaluate fewer examples.
+GRID_BUDGETS: dict[tuple[str, str], Budget] = {
+    ("minilm-l6", "rt-sentiment"): Budget(test=500, val=200, max_length=32),
+    ("minilm-l6", "rt-subjectivity"): Budget(test=500, val=200, max_length=32),
+    ("minilm-l6", "convention-party"): Budget(test=500, val=200, max_length=64),
+    ("smollm2-135m", "arith"): Budget(test=200, val=100, max_length=64),
+    ("smollm2-135m", "rt-sentiment-gen"): Budget(test=200, val=100, max_length=64),
+}
+
+
+def grid_budget(
+    base: str,
+    task: str,
+    test: int | None = None,
+    val: int | None = None,
+    max_length: int | None = None,
+) -> Budget:
+    """The grid's budget for (base, task) (``Budget()`` for others), with overrides."""
+    b = GRID_BUDGETS.get((base, task), Budget())
+    return Budget(
+        test=b.test if test is None else test,
+        val=b.val if val is None else val,
+        calib=b.calib,
+        max_length=b.max_length if max_length is None else max_length,
+        seeds=b.seeds,
+    )
+
 
 def append_rows(work: Path, rows: Iterable[Row]) -> None:
     with (work / "results.jsonl").open("a") as f:

@@ -59,9 +59,15 @@ def reproduce(
     base: str = typer.Option("minilm-l6", help="minilm-l6 or smollm2-135m."),
     rates: str = typer.Option("", help="Comma-separated rates (default 0.5,0.9,0.95,0.99,0.999)."),
     methods: str = typer.Option("", help="Comma-separated methods (default: all)."),
-    test: int = typer.Option(600, help="Test examples per evaluation."),
-    val: int = typer.Option(200, help="Validation examples for the labeled q search."),
-    max_length: int = typer.Option(128, help="Tokens per example (longer ones are cut)."),
+    test: int | None = typer.Option(
+        None, help="Test examples per evaluation (default: the task's grid budget)."
+    ),
+    val: int | None = typer.Option(
+        None, help="Validation examples for the labeled q search (default: the grid's)."
+    ),
+    max_length: int | None = typer.Option(
+        None, help="Tokens per example, longer ones cut (default: the grid's)."
+    ),
     report_only: bool = typer.Option(False, help="Only rebuild the report from the results."),
 ) -> None:
     """Fine-tune, prune with every method at every rate, evaluate; tables and plots."""
@@ -89,10 +95,10 @@ def reproduce(
     full = work / "full"
     if not report_only:
         specs = rp.DECODER_SPECS if info.arch == "decoder" else rp.ENCODER_SPECS
-        budget = rp.Budget(test=test, val=val, max_length=max_length)
         rate_list = tuple(float(x) for x in rates.split(",")) if rates else rp.RATES
         method_list = tuple(methods.split(",")) if methods else rp.METHODS
         for task in only or rp.TASKS[info.name if info.name in rp.TASKS else "minilm-l6"]:
+            budget = rp.grid_budget(rp.slug(info.name), task, test, val, max_length)
             for spec in part or list(specs):
                 rows = rp.run_part(
                     full, info, load_task(task), spec, specs[spec], budget, rate_list, method_list

@@ -119,3 +119,14 @@ def test_every_method_gives_a_row(
     lab = open_lab(base, tmp_path / "w" / rp.slug(base.name) / task / spec, load_task(task))
     for p in (0.5, 0.99, 0.999):
         assert rp.pick_from_reference(ref, spec, p) == rp._pick(lab.stats(), spec, p)[0]
+
+
+def test_grid_budgets_are_the_ones_the_report_ran_and_options_override_them() -> None:
+    b = rp.grid_budget("minilm-l6", "convention-party")
+    assert (b.test, b.val, b.max_length) == (500, 200, 64)
+    assert rp.grid_budget("smollm2-135m", "arith").test == 200
+    b = rp.grid_budget("minilm-l6", "rt-sentiment", test=100, max_length=16)
+    assert (b.test, b.val, b.max_length) == (100, 200, 16)
+    assert rp.grid_budget("some-base", "rt-sentiment") == rp.Budget()
+    every = {(base, t) for base, tasks in rp.TASKS.items() for t in tasks}
+    assert every == set(rp.GRID_BUDGETS)
