@@ -197,6 +197,8 @@ def ingest(
     validate_model_id(model_id)
     if encoding not in ENCODING_CHOICES:
         raise ValueError(f"encoding must be one of {ENCODING_CHOICES}, got {encoding!r}")
+    if method == "darex_q" and q is None:
+        raise PruningError("method darex_q needs q (a number, or one per tensor)")
     if not replace:
         try:
             store.registry.get_model(model_id)

@@ -157,6 +157,14 @@ def test_pickle_and_bad_fields_are_422(llama: TestClient, llama_ft: Path) -> Non
     assert assert_error(r, 422, "rate")["param"] == "rate"
     r = llama.post("/admin/models", headers=AUTH, data={"model_id": "../x"}, files=files)
     assert_error(r, 422, "..")
+    for data, match in (
+        ({"method": "darex_q"}, "required with method darex_q"),
+        ({"method": "dare", "q": "0.02"}, "only method darex_q"),
+        ({"q": "0.02"}, "only method darex_q"),
+    ):
+        r = llama.post("/admin/models", headers=AUTH, data={"model_id": "x", **data}, files=files)
+        assert assert_error(r, 422, match)["param"] == "q"
+    assert llama.get("/admin/models/x", headers=AUTH).status_code == 404  # nothing registered
 
 
 def test_payload_errors_name_the_field(llama: TestClient) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pruning.errors import PruningError
 from pruning.sparse import kept_indices
 from storage.bases import resolve_base
 from storage.errors import BadCheckpoint, BaseMismatch, InvalidModelId, ModelExists
@@ -221,6 +222,14 @@ def test_bad_values_are_refused_before_any_write(bert_ft, tiny_bert_dir, store, 
             p=0.9,
             show_progress=False,
         )
+    assert store.models() == {}
+    assert list(store.blobs.iter_keys()) == []
+
+
+def test_darex_q_without_q_is_refused_before_any_write(bert_ft, tiny_bert_dir, store) -> None:
+    base = base_of(tiny_bert_dir, store)
+    with pytest.raises(PruningError, match="darex_q needs q"):
+        ingest(store, "noq", bert_ft, base, method="darex_q", p=0.9, show_progress=False)
     assert store.models() == {}
     assert list(store.blobs.iter_keys()) == []
 

@@ -127,6 +127,17 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
             raise InvalidRequest(f"method: {method!r} is not one of {METHODS}", field="method")
         rate = _float_field(up, "rate", 0.0, 0.9999)
         q = _float_field(up, "q", 1e-6, 1.0)
+        if method == "darex_q" and q is None:
+            raise InvalidRequest(
+                "q: required with method darex_q (a number in (0, 1], e.g. the one "
+                "`darex prune --method darex_q --q outchange` prints)",
+                field="q",
+            )
+        if q is not None and method != "darex_q":
+            raise InvalidRequest(
+                f"q: only method darex_q takes a q (method is {method or 'the recommended one'})",
+                field="q",
+            )
         replace = up.fields.get("replace", "").lower() in ("1", "true", "yes")
         task = up.fields.get("task") or None
         if task is not None and task not in TASKS:
