@@ -136,6 +136,7 @@ def output_change_score(
     *,
     arch: str,
     seeds: Iterable[int] = (0, 1, 2),
+    mask_names: Mapping[str, str] | None = None,
 ) -> Callable[[float], float]:
     """Score callback for ``search_q_global``: minus the output change, averaged over seeds.
 
@@ -144,6 +145,8 @@ def output_change_score(
     parameter is set to ``W_ft - d + darex_q(d, p, q)``, the batches are run, and the
     parameters are put back bit-exactly. Encoders compare the last hidden state
     (mean abs diff), decoders the logits at the fine-tuned top-5 tokens (MSE).
+    A mask is drawn from (seed, name); ``mask_names`` gives the name to draw it by where
+    that is not the parameter's (the checkpoint's name, so the scored mask is the stored one).
     """
     if arch not in ("encoder", "decoder"):
         raise PruningError(f"unknown architecture kind {arch!r}")
@@ -162,7 +165,7 @@ def output_change_score(
         for seed in seeds:
             try:
                 for n, d in deltas.items():
-                    sd = darex_q(d, p, q, seed=seed, name=n)
+                    sd = darex_q(d, p, q, seed=seed, name=(mask_names or {}).get(n, n))
                     w = saved[n].float() - d.float()
                     w.view(-1).index_add_(0, sd.indices, sd.values.float())
                     params[n].data.copy_(w.to(params[n].dtype))

@@ -136,7 +136,7 @@ class IngestResult:
 
 
 def _recommend(
-    source: Source, selector: Selector, is_lora: bool, p: float
+    source: Source, selector: Selector, is_lora: bool, p: float, has_calib: bool = False
 ) -> tuple[str, float | None, str]:
     """Method, q and reason from ``pruning.recommend`` on the statistics of the pruned deltas."""
     from pruning.recommend import delta_stats, recommend
@@ -145,8 +145,24 @@ def _recommend(
     stats = {n: s for n, s in stats.items() if s.numel}
     if not stats:
         return "dare", None, "nothing to prune"
-    rec = recommend(stats, has_labels=False, is_lora=is_lora, p=p)
+    rec = recommend(stats, has_labels=False, is_lora=is_lora, has_calib=has_calib, p=p)
     return str(getattr(rec.method, "value", rec.method)), rec.params.get("q"), rec.reason
+
+
+def _search_q(
+    source: Source,
+    selector: Selector,
+    base: BaseLike,
+    texts: Sequence[str],
+    p: float,
+    seed: int,
+    show_progress: bool,
+) -> float:
+    from storage.qsearch import outchange_q
+
+    deltas = {n: read() for n, read in source.deltas.items() if selector.matches(n)}
+    with tqdm(desc="q search", unit="q", disable=not show_progress) as bar:
+        return outchange_q(base.path, base.arch, deltas, texts, p, seed=seed, on_step=bar.update)
 
 
 def _encode_pruned(
@@ -187,18 +203,24 @@ def ingest(
     col_norms: dict[str, torch.Tensor] | None = None,
     task: str | None = None,
     labels: list[str] | None = None,
+    calib_texts: Sequence[str] | None = None,
     replace: bool = False,
     max_tensors: int = 10_000,
     progress: Progress | None = None,
     show_progress: bool = True,
 ) -> IngestResult:
-    """Store one fine-tune (full safetensors or PEFT LoRA adapter) under ``model_id``."""
+    """Store one fine-tune (full safetensors or PEFT LoRA adapter) under ``model_id``.
+
+    ``calib_texts`` (unlabeled samples of the fine-tune's inputs) let the recommended
+    method be DAREx-q, and let ``darex_q`` go without a q: q is then searched on them by
+    the output change (``storage.qsearch``).
+    """
     t0 = time.perf_counter()
     validate_model_id(model_id)
     if encoding not in ENCODING_CHOICES:
         raise ValueError(f"encoding must be one of {ENCODING_CHOICES}, got {encoding!r}")
-    if method == "darex_q" and q is None:
-        raise PruningError("method darex_q needs q (a number, or one per tensor)")
+    if method == "darex_q" and q is None and not calib_texts:
+        raise PruningError("method darex_q needs q, or calibration texts to search it on")
     if not replace:
         try:
             store.registry.get_model(model_id)
@@ -228,8 +250,12 @@ def ingest(
     reason = "given"
     if method is None:
         report(0.02, "choosing a method")
-        method, rec_q, reason = _recommend(source, selector, lora, rate)
+        method, rec_q, reason = _recommend(source, selector, lora, rate, bool(calib_texts))
         q = q if q is not None else rec_q
+    if method == "darex_q" and q is None:
+        report(0.03, "searching q on the calibration texts")
+        q = _search_q(source, selector, base, calib_texts or [], rate, seed, show_progress)
+        reason += f"; q={q:g} by output change on the calibration texts"
     log.info(
         "ingest %s: %s p=%s q=%s (%s)",
         model_id,

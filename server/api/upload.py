@@ -23,6 +23,7 @@ from server.errors import InvalidRequest, PayloadTooLarge
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_FIELD_BYTES = 4096
+FIELD_LIMITS = {"calib": 64 * 1024}  # calibration texts, one per line
 MAX_PARTS = 64
 
 
@@ -108,7 +109,7 @@ async def receive_upload(
             cur.out.write(data[start:end])
         else:
             cur.value.extend(data[start:end])
-            if len(cur.value) > MAX_FIELD_BYTES:
+            if len(cur.value) > FIELD_LIMITS.get(cur.name or "", MAX_FIELD_BYTES):
                 raise InvalidRequest(f"form field {cur.name!r} is too long", field=cur.name)
 
     def on_part_end() -> None:

@@ -217,38 +217,6 @@ def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
     return capture(model, tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
 
 
-def _outchange_q(finetuned: Path, pruned: dict[str, Any], arch: str, batches, p, seed) -> float:
-    """One global q for every pruned tensor: the one whose DAREx-q mask (this seed) changes
-    the fine-tune's outputs on the calibration texts least (last hidden state for
-    encoders, top-5 logits for decoders); q = 1-p (DARE) is the first one tried.
-
-    ``pruned`` maps the checkpoint's tensor names to their deltas. In the reproduction
-    grid this unlabeled choice was within a few points of the labeled search where the
-    per-layer least squares (``--q auto``) fell below DARE (docs/results/reproduce.md).
-    """
-    from pruning.q import output_change_score, search_q_global
-
-    model = _load_finetuned(finetuned)
-    body = model if arch == "decoder" else model.base_model
-    own = dict(body.named_parameters())
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    deltas = {}
-    for name, d in pruned.items():
-        key = next((k for k in (name, name.removeprefix(prefix)) if k in own), None)
-        if key is not None:
-            deltas[key] = d
-    if not deltas:
-        raise typer.BadParameter("--q outchange: no pruned tensor is a parameter of the model")
-    score = output_change_score(body, deltas, p, batches, arch=arch, seeds=(seed,))
-    with tqdm(desc="q search (output change)", unit="q") as bar:
-
-        def counted(q: float) -> float:
-            bar.update()
-            return score(q)
-
-        return search_q_global(counted, p, refine=4).q
-
-
 def _copy_side_files(folders: list[Path], out: Path) -> None:
     """config, tokenizer and other non-weight files; the fine-tune's win over the base's."""
     for src in folders:
@@ -279,6 +247,25 @@ def _layer_q(m, q_mode, d, p, st, name, seed, per, axis, eta) -> float | None:
     except ValueError as e:
         log.warning("%s; keeping the default rescale", e)
         return 1.0 - p if random else None
+
+
+def _outchange_q(calib, n, base_dir, arch, b, f, ft_to_base, sel, p, seed) -> float:
+    """One global q for every pruned tensor by ``storage.qsearch.outchange_q``."""
+    from pruning.delta import compute_delta
+    from storage.qsearch import outchange_q, read_calib_texts
+
+    texts = read_calib_texts(calib.read_text())[:n]
+    if not texts:
+        raise typer.BadParameter(f"{calib} holds no calibration text")
+    deltas = {}
+    for fname in f.names():
+        w_ft, bname = f.get(fname), ft_to_base.get(fname)
+        if bname and w_ft.is_floating_point() and sel.selects(bname, w_ft):
+            deltas[bname] = compute_delta(b.get(bname), w_ft, fname)
+    with tqdm(desc="q search (output change)", unit="q") as bar:
+        q = outchange_q(base_dir, arch, deltas, texts, p, seed=seed, on_step=bar.update)
+    console.print(f"q by output change on {len(texts)} calibration texts: {q:g}")
+    return q
 
 
 @app.command()
@@ -329,20 +316,13 @@ def prune(
         sel = make_selector(arch, include, exclude)
         stats = {}
         ft_to_base = {fn: bn for bn, fn in plan.pairs.items()}
-        if calib is not None:
+        if calib is not None and q_mode == "outchange":
+            q_mode = _outchange_q(
+                calib, calib_samples, base_dir, arch, b, f, ft_to_base, sel, p, seed
+            )
+        elif calib is not None:
             batches = _calib_batches(calib, [Path(finetuned), base_dir], calib_samples, 128)
-            if q_mode == "outchange":
-                pruned = {}
-                for fname in f.names():
-                    w_ft, bname = f.get(fname), ft_to_base.get(fname)
-                    if bname and w_ft.is_floating_point() and sel.selects(bname, w_ft):
-                        pruned[fname] = compute_delta(b.get(bname), w_ft, fname)
-                q_mode = _outchange_q(Path(finetuned), pruned, arch, batches, p, seed)
-                del pruned
-                n_texts = sum(int(bt["input_ids"].shape[0]) for bt in batches)
-                console.print(f"q by output change on {n_texts} calibration texts: {q_mode:g}")
-            else:
-                stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
+            stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
         out.mkdir(parents=True, exist_ok=True)
         names = f.names()
         metas = [(n, f.meta[n].dtype, f.meta[n].shape) for n in names]

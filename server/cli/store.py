@@ -47,6 +47,10 @@ def add(
         float | None, typer.Option(help="Pruning rate p (default DAREX_DEFAULT_RATE).")
     ] = None,
     q: Annotated[float | None, typer.Option(help="DAREx-q rescale 1/q (darex_q).")] = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option(help="Texts, one per line: DAREx-q's q is searched on them."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the DARE mask.")] = 0,
     encoding: Annotated[str, typer.Option(help="auto, seed, explicit or dense.")] = "auto",
     values: Annotated[str, typer.Option(help="float16, bfloat16, float32 or int8.")] = "float16",
@@ -58,9 +62,15 @@ def add(
     from storage.bases import resolve_base
     from storage.errors import StorageError
     from storage.ingest import ingest
+    from storage.qsearch import read_calib_texts
 
     s = get_settings()
     try:
+        texts = None
+        if calib is not None:
+            texts = read_calib_texts(calib.read_text())
+            if not texts:
+                raise ValueError(f"{calib} holds no calibration text")
         info = resolve_base(base or s.base, s.data_dir)
         store = _store()
         res = ingest(
@@ -76,12 +86,14 @@ def add(
             value_dtype=values,
             replace=replace,
             max_tensors=s.max_tensors,
+            calib_texts=texts,
         )
-    except (StorageError, PruningError, ValueError) as e:
+    except (StorageError, PruningError, ValueError, OSError) as e:
         raise _fail(e) from e
     m = res.manifest
     console.print(
-        f"added [bold]{model_id}[/bold]: {m.method} p={m.p} q={m.q}, "
+        f"added [bold]{model_id}[/bold]: {m.method} p={m.p} "
+        f"q={f'{m.q:.4g}' if isinstance(m.q, float) else m.q}, "
         f"{_size(m.stored_bytes())} = 1/{1 / m.ratio:.1f} of fp16, {res.seconds:.1f}s"
     )
 

@@ -105,6 +105,22 @@ def test_upload_serve_inspect_delete(llama: TestClient, llama_ft: Path, tiny_lla
     assert_error(llama.get("/admin/models/ft-up", headers=AUTH), 404)
 
 
+def test_upload_with_calib_texts_searches_q(llama: TestClient, llama_ft: Path) -> None:
+    """darex_q without q plus calibration texts: q is searched by the output change."""
+    calib = "\n".join(f"question {i}: what is {i} plus {2 * i}?" for i in range(12))
+    acc = upload(llama, llama_ft, "ft-cq", method="darex_q", rate=0.9, calib=calib)
+    job = wait_job(llama, acc["job_id"])
+    assert job["state"] == "done" and " q=" in job["message"], job
+    info = llama.get("/admin/models/ft-cq", headers=AUTH).json()
+    assert info["method"] == "darex_q" and 0.1 - 1e-9 <= info["q"] <= 1.0
+    files = multipart_files(llama_ft)
+    r = llama.post(
+        "/admin/models", headers=AUTH, data={"model_id": "e", "calib": " \n"}, files=files
+    )
+    assert assert_error(r, 422, "no text")["param"] == "calib"
+    assert llama.delete("/admin/models/ft-cq", headers=AUTH).status_code == 200
+
+
 def test_admin_needs_the_token(llama: TestClient, llama_ft: Path) -> None:
     r = llama.get("/admin/jobs/x")
     assert_error(r, 401, "missing")
@@ -158,7 +174,7 @@ def test_pickle_and_bad_fields_are_422(llama: TestClient, llama_ft: Path) -> Non
     r = llama.post("/admin/models", headers=AUTH, data={"model_id": "../x"}, files=files)
     assert_error(r, 422, "..")
     for data, match in (
-        ({"method": "darex_q"}, "required with method darex_q"),
+        ({"method": "darex_q"}, "required with method darex_q unless calib"),
         ({"method": "dare", "q": "0.02"}, "only method darex_q"),
         ({"q": "0.02"}, "only method darex_q"),
     ):

@@ -392,3 +392,38 @@ def test_without_a_method_the_recommended_one_is_used(bert_ft, tiny_bert_dir, st
     ).manifest
     assert m.method in {"dare", "magnitude"} and "delta" in m.reason
     assert store.verify().ok
+
+
+CALIB = [f"sample {i}: a short review of a film, a meal or a trip" for i in range(16)]
+
+
+def test_calibration_texts_choose_darex_q_and_its_q(bert_ft, tiny_bert_dir, store) -> None:
+    """With unlabeled texts a moderate delta is stored as DAREx-q, q by the output change
+    on the very mask that is stored; without them it stays DARE."""
+    from storage.checkpoint import open_checkpoint
+    from storage.qsearch import outchange_q
+
+    base = base_of(tiny_bert_dir, store)
+    plain = ingest(store, "plain", bert_ft, base, p=0.999, show_progress=False).manifest
+    assert plain.method == "dare" and "no labels" in plain.reason
+    m = ingest(store, "cq", bert_ft, base, p=0.999, calib_texts=CALIB, show_progress=False).manifest
+    assert m.method == "darex_q" and "output change" in m.reason
+    assert 0.001 - 1e-9 <= m.q <= 0.01 + 1e-9 and m.q != pytest.approx(0.001)
+    # the same search run by hand gives the same q; given darex_q alone, ingest searches it
+    b, f = open_checkpoint(tiny_bert_dir), open_checkpoint(bert_ft)
+    deltas = {n: f.get(f"bert.{n}") - b.get(n) for n in m.deltas}
+    assert outchange_q(base.path, "encoder", deltas, CALIB, 0.999) == pytest.approx(m.q)
+    m2 = ingest(
+        store,
+        "cq2",
+        bert_ft,
+        base,
+        method="darex_q",
+        p=0.999,
+        calib_texts=CALIB,
+        show_progress=False,
+    ).manifest
+    assert m2.q == pytest.approx(m.q)
+    for name, e in m.deltas.items():  # scale 1/q on the DARE mask
+        assert e.scale == pytest.approx(1.0 / m.q), name
+    assert store.verify().ok

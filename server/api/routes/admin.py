@@ -25,6 +25,7 @@ from server.errors import InvalidRequest
 from server.logging import model_id_var
 from storage.errors import ModelExists, UnknownModel
 from storage.modelid import validate_model_id
+from storage.qsearch import read_calib_texts
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -93,7 +94,8 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
             **opts,
         )
         m = result.manifest
-        msg = f"stored {m.method} p={m.p}: {m.stored_bytes()} bytes, {m.ratio:.4f} of fp16"
+        qs = f" q={m.q:g}" if isinstance(m.q, float) else ""
+        msg = f"stored {m.method} p={m.p}{qs}: {m.stored_bytes()} bytes, {m.ratio:.4f} of fp16"
         reg.update_job(job_id, state="done", progress=1.0, message=msg)
         log.info("ingest done: %s", msg, extra={"model_id": model_id, "job_id": job_id})
     except Exception as e:
@@ -108,7 +110,8 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
 @router.post("/models", status_code=202, response_model=JobAccepted)
 async def upload_model(request: Request, state: StateDep, settings: SettingsDep, store: StoreDep):
     """Multipart: files (``*.safetensors`` + ``config.json``, or a PEFT adapter), ``model_id``,
-    optional ``method``, ``rate`` (p), ``q``, ``task``, ``replace``."""
+    optional ``method``, ``rate`` (p), ``q``, ``calib`` (texts, one per line: q of DAREx-q
+    searched on them), ``task``, ``replace``."""
     up = await receive_upload(
         request.headers.get("content-type"),
         request.headers.get("content-length"),
@@ -127,10 +130,15 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
             raise InvalidRequest(f"method: {method!r} is not one of {METHODS}", field="method")
         rate = _float_field(up, "rate", 0.0, 0.9999)
         q = _float_field(up, "q", 1e-6, 1.0)
-        if method == "darex_q" and q is None:
+        calib = None
+        if "calib" in up.fields:
+            calib = read_calib_texts(up.fields["calib"])
+            if not calib:
+                raise InvalidRequest("calib: no text in it (one sample per line)", field="calib")
+        if method == "darex_q" and q is None and calib is None:
             raise InvalidRequest(
-                "q: required with method darex_q (a number in (0, 1], e.g. the one "
-                "`darex prune --method darex_q --q outchange` prints)",
+                "q: required with method darex_q unless calib texts are sent to search it "
+                "on (a number in (0, 1], e.g. the one `darex prune --q outchange` prints)",
                 field="q",
             )
         if q is not None and method != "darex_q":
@@ -158,6 +166,7 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         raise
     rate = settings.default_rate if rate is None else rate
     opts = {"method": method, "p": rate, "q": q, "replace": replace, "task": task}
+    opts["calib_texts"] = calib
     if state.heartbeat is not None:
         state.heartbeat.add(job.id, up.folder)
     state.jobs.submit(_run_ingest, state, job.id, model_id, up, opts)
