@@ -1,7 +1,8 @@
 """``darex demo``: small fine-tunes of the base, stored at p = 0.99, then served.
 
 Each demo fine-tune lives in ``<data_dir>/demo/<base>/<task>/`` and is stored as
-``demo-<task>`` with the method ``recommend()`` picks (ingest's default). The table
+``demo-<task>`` with the method ``recommend()`` picks (ingest's default), given
+``CALIB_TEXTS`` unlabeled validation inputs to search DAREx-q's q on. The table
 compares the unpruned fine-tune with what the store holds: the stored model is
 rebuilt from the store (``W = W_base + scatter(delta)``, the dense head) and evaluated
 on the first ``eval_n`` test examples. A second run reuses the fine-tune, the stored
@@ -27,6 +28,7 @@ from storage.store import DeltaStore
 from storage.tasks import load_task
 
 log = logging.getLogger(__name__)
+CALIB_TEXTS = 32  # validation inputs (no labels) handed to ingest as calibration texts
 
 ENCODER_TASKS = ("rt-sentiment", "rt-subjectivity", "convention-party")
 DECODER_TASKS = ("arith", "rt-sentiment-gen")
@@ -128,7 +130,9 @@ def build_one(
             row.reused = True
             return row
     if key is None or store.manifest_at(key).p != p:
-        res = ingest(store, model_id, ft_dir, base, p=p, replace=True)
+        # unlabeled validation inputs: a delta DARE cannot keep is stored as DAREx-q
+        calib = [e.text for e in task.validation[-CALIB_TEXTS:]]
+        res = ingest(store, model_id, ft_dir, base, p=p, replace=True, calib_texts=calib)
         key = res.manifest_key
     m = store.manifest_at(key)
     lab = open_lab(base, ft_dir, task, max_length=budget.max_length)
