@@ -199,21 +199,16 @@ def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> li
     return out
 
 
-def _load_finetuned(finetuned: Path) -> torch.nn.Module:
-    """The fine-tuned model in fp32, with the class its config names."""
+def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
+    """Linear-layer input statistics of the fine-tuned model, keyed by its tensor names."""
     import transformers
+
+    from pruning.calib import capture
 
     cfg = json.loads((finetuned / "config.json").read_text())
     cls_name = (cfg.get("architectures") or ["AutoModel"])[0]
     cls = getattr(transformers, cls_name, transformers.AutoModel)
-    return cls.from_pretrained(finetuned, dtype=torch.float32).eval()
-
-
-def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
-    """Linear-layer input statistics of the fine-tuned model, keyed by its tensor names."""
-    from pruning.calib import capture
-
-    model = _load_finetuned(finetuned)
+    model = cls.from_pretrained(finetuned, dtype=torch.float32).eval()
     return capture(model, tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
 
 
