@@ -175,15 +175,9 @@ def inspect(
 def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> list[dict]:
     from transformers import AutoTokenizer
 
-    lines = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            line = str(json.loads(line).get("text", ""))
-        if line:
-            lines.append(line)
-        if len(lines) >= n:
-            break
+    from storage.qsearch import read_calib_texts
+
+    lines = read_calib_texts(path.read_text())[:n]
     if not lines:
         raise typer.BadParameter(f"{path} holds no calibration text")
     tok_dir = next((d for d in tok_dirs if (d / "tokenizer_config.json").is_file()), tok_dirs[-1])
