@@ -165,8 +165,14 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         up.cleanup()
         raise
     rate = settings.default_rate if rate is None else rate
-    opts = {"method": method, "p": rate, "q": q, "replace": replace, "task": task}
-    opts["calib_texts"] = calib
+    opts = {
+        "method": method,
+        "p": rate,
+        "q": q,
+        "replace": replace,
+        "task": task,
+        "calib_texts": calib,
+    }
     if state.heartbeat is not None:
         state.heartbeat.add(job.id, up.folder)
     state.jobs.submit(_run_ingest, state, job.id, model_id, up, opts)
