@@ -9,10 +9,15 @@ at p in {0.9, 0.99}, and the headline asserted at p = 0.99:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import multiprocessing
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,9 +145,15 @@ def grid_budget(
 
 
 def append_rows(work: Path, rows: Iterable[Row]) -> None:
+    """Append rows under an exclusive lock: parts running side by side never interleave."""
+    text = "".join(json.dumps(asdict(r)) + "\n" for r in rows)
     with (work / "results.jsonl").open("a") as f:
-        for r in rows:
-            f.write(json.dumps(asdict(r)) + "\n")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(text)
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_rows(work: Path) -> list[Row]:
@@ -287,12 +298,15 @@ def _outchange_q(st: Setting, p: float, seed: int) -> float:
     body = lab.model if lab.arch == "decoder" else lab.model.base_model
     own = dict(body.named_parameters())
     full = lab.params
-    deltas = {}
+    deltas, mask_names = {}, {}
     for n in lab.pruned_names:
         short = next(k for k in (n, lab.base_names[n]) if k in own and own[k] is full[n])
-        deltas[short] = lab.delta(n)
+        deltas[short], mask_names[short] = lab.delta(n), lab.base_names[n]
     batches = st.batches[:2]
-    score = output_change_score(body, deltas, p, batches, arch=lab.arch, seeds=(seed,))
+    # masks drawn by the checkpoint's names, as ``Lab.dare_masks`` draws the evaluated ones
+    score = output_change_score(
+        body, deltas, p, batches, arch=lab.arch, seeds=(seed,), mask_names=mask_names
+    )
     return search_q_global(score, p, refine=4).q
 
 
@@ -405,6 +419,7 @@ def run_part(
     budget: Budget,
     rates: Iterable[float] = RATES,
     methods: Iterable[str] = METHODS,
+    progress: bool = True,
 ) -> list[Row]:
     """Fine-tune (or reuse) one spec on one task, then every method at every rate."""
     work.mkdir(parents=True, exist_ok=True)
@@ -413,7 +428,7 @@ def run_part(
     rows = reference_rows(st)
     append_rows(work, rows)
     todo = [(p, m) for p in rates for m in methods]
-    for p, m in tqdm(todo, desc=f"{task.name}/{spec}", unit="cell"):
+    for p, m in tqdm(todo, desc=f"{task.name}/{spec}", unit="cell", disable=not progress):
         row = run_method(st, m, p)
         append_rows(work, [row])
         rows.append(row)
@@ -421,6 +436,99 @@ def run_part(
         rows.append(recommend_row(st, p))
     append_rows(work, rows[-len(list(rates)) :])
     return rows
+
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    """One (task, fine-tune spec) setting of the grid, with what it runs."""
+
+    task: str
+    spec: str
+    opts: dict[str, Any]
+    budget: Budget
+
+
+def _run_one(work: Path, base: BaseInfo, part: Part, rates, methods, progress: bool) -> list[Row]:
+    from storage.tasks import load_task
+
+    return run_part(
+        work,
+        base,
+        load_task(part.task),
+        part.spec,
+        part.opts,
+        part.budget,
+        rates,
+        methods,
+        progress=progress,
+    )
+
+
+@contextlib.contextmanager
+def _child_env(threads: int) -> Iterator[None]:
+    """Environment the worker processes start with (spawned children inherit it): their
+    share of the cores, and no progress bars (the parent shows one over the parts)."""
+    want = {"OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    old = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_parts(
+    work: Path,
+    base: BaseInfo,
+    parts: list[Part],
+    rates: Iterable[float] = RATES,
+    methods: Iterable[str] = METHODS,
+    jobs: int = 1,
+    on_done: Callable[[Part, list[Row] | BaseException], None] | None = None,
+) -> dict[Part, list[Row] | BaseException]:
+    """Run every part, ``jobs`` of them side by side in worker processes (each with
+    ``cpu_count // jobs`` threads). A part that fails is logged and returned as its
+    exception; the others go on. Rows reach ``results.jsonl`` as each cell ends, so an
+    interrupted run keeps what it finished."""
+    rates, methods = tuple(rates), tuple(methods)
+    done: dict[Part, list[Row] | BaseException] = {}
+
+    def finish(part: Part, res: list[Row] | BaseException) -> None:
+        if isinstance(res, BaseException):
+            log.error(
+                "reproduce part %s/%s failed: %s",
+                part.task,
+                part.spec,
+                res,
+                extra={"model_id": part.spec},
+            )
+        done[part] = res
+        if on_done is not None:
+            on_done(part, res)
+
+    if jobs <= 1 or len(parts) <= 1:
+        for part in parts:
+            try:
+                finish(part, _run_one(work, base, part, rates, methods, True))
+            except Exception as e:  # reported; the other parts go on
+                finish(part, e)
+        return done
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    with _child_env(threads), ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futs = {
+            pool.submit(_run_one, work, base, part, rates, methods, False): part for part in parts
+        }
+        for fut in tqdm(as_completed(futs), total=len(futs), desc="reproduce", unit="part"):
+            try:
+                finish(futs[fut], fut.result())
+            except Exception as e:  # reported; the other parts go on
+                finish(futs[fut], e)
+    return done
 
 
 @dataclass

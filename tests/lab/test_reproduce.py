@@ -3,6 +3,7 @@ real quick reproduction (slow), which asserts the paper's headline."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -130,3 +131,79 @@ def test_grid_budgets_are_the_ones_the_report_ran_and_options_override_them() ->
     assert rp.grid_budget("some-base", "rt-sentiment") == rp.Budget()
     every = {(base, t) for base, tasks in rp.TASKS.items() for t in tasks}
     assert every == set(rp.GRID_BUDGETS)
+
+
+def test_parts_run_side_by_side_and_a_failing_part_does_not_stop_the_others(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """``--jobs 2``: two worker processes, every row of both good parts lands whole in
+    results.jsonl, and a part that fails is returned as its error without rows."""
+    base = resolve_base(tiny_bert_dir, tmp_path)
+    budget = rp.Budget(test=8, val=8, calib=4, max_length=32, seeds=(0,))
+    bad_opts = {**TINY, "lora": True, "optimizer": "adamr-l2"}  # refused before training
+    parts = [
+        rp.Part("rt-sentiment", "a", TINY, budget),
+        rp.Part("rt-subjectivity", "b", TINY, budget),
+        rp.Part("rt-sentiment", "bad", bad_opts, budget),
+    ]
+    seen: list[str] = []
+    res = rp.run_parts(
+        tmp_path / "w",
+        base,
+        parts,
+        (0.9,),
+        ("dare", "magnitude"),
+        jobs=2,
+        on_done=lambda part, _: seen.append(part.spec),
+    )
+    assert sorted(seen) == ["a", "b", "bad"]
+    assert isinstance(res[parts[2]], Exception) and "AdamR" in str(res[parts[2]])
+    rows = [json.loads(line) for line in (tmp_path / "w" / "results.jsonl").open()]
+    cells = {(r["task"], r["spec"], r["method"], r["p"]) for r in rows}
+    for task, spec in (("rt-sentiment", "a"), ("rt-subjectivity", "b")):
+        want = {("unpruned", 0.0), ("base", 0.0), ("dare", 0.9), ("magnitude", 0.9)}
+        assert {(task, spec, m, p) for m, p in want} <= cells
+        assert res[parts[0 if spec == "a" else 1]][-1].method == "recommend"
+    assert not any(r["spec"] == "bad" for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "hint", "says"),
+    [
+        (["--part", "adam-huge"], "--part", "adam-large"),
+        (["--methods", "dare,random"], "--methods", "darex_q/labeled"),
+        (["--only", "imdb"], "--only", "rt-subjectivity"),
+    ],
+)
+def test_reproduce_refuses_unknown_names_before_any_work(
+    args: list[str], hint: str, says: str, tmp_path: Path
+) -> None:
+    res = CliRunner().invoke(app, ["reproduce", "--work", str(tmp_path), *args])
+    assert res.exit_code == 2, res.output
+    assert hint in res.output and says in res.output
+    assert not (tmp_path / "full").exists()
+
+
+def test_outchange_q_is_scored_on_the_masks_the_grid_evaluates(work, monkeypatch) -> None:
+    """The unlabeled q search draws each mask by the checkpoint's tensor name, so the mask
+    it scores is the one ``Lab.dare_masks`` applies for the same seed."""
+    from pruning.methods import darex_q
+
+    w, base, task, _ = work
+    st = rp.open_setting(base, w / rp.slug(base.name) / task.name / "tiny", task, "tiny", BUDGET)
+    seen: dict = {}
+    real = rp.output_change_score
+
+    def spy(model, deltas, p, batches, **kw):
+        seen.update(deltas=deltas, names=kw["mask_names"])
+        return real(model, deltas, p, batches, **kw)
+
+    monkeypatch.setattr(rp, "output_change_score", spy)
+    q = rp._outchange_q(st, 0.9, seed=1)
+    assert 0.1 - 1e-9 <= q <= 1.0
+    masks = st.lab.dare_masks(0.9, seed=1)
+    assert len(seen["deltas"]) == len(st.lab.pruned_names)
+    for n in st.lab.pruned_names:
+        short = next(k for k, d in seen["deltas"].items() if torch.equal(d, st.lab.delta(n)))
+        drawn = darex_q(st.lab.delta(n), 0.9, q, seed=1, name=seen["names"][short])
+        assert torch.equal(drawn.indices, masks[n].indices), n

@@ -10,7 +10,8 @@ import pytest
 from storage.errors import UnknownTask
 from storage.tasks import SPLITS, final_number, first_word, list_tasks, load_task
 
-# (size, count per label) for train, validation, test — the table in docs/sections/training.md.
+# (size, count per label) for train, validation, test: the table in the README
+# ("Base models, tasks and fine-tuning").
 SIZES = {
     "rt-sentiment": [(10202, (4308, 5894)), (1275, (538, 737)), (1275, (538, 737))],
     "rt-subjectivity": [(1734, (867, 867)), (216, (108, 108)), (216, (108, 108))],
