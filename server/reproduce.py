@@ -267,9 +267,9 @@ def _calibrate(st: Setting) -> None:
         st.calib = capture(lab.model, st.batches, names=lab.pruned_names, max_rows=512)
 
 
-def _layer_q(st: Setting, masks, p: float, how: str) -> dict[str, float]:
-    """Per-parameter q: analytical or least squares on linear weights (bias takes its
-    layer's q), DARE's 1-p elsewhere."""
+def _layer_q(st: Setting, masks, p: float, how: str, eta: float = 0.45) -> dict[str, float]:
+    """Per-parameter q: analytical (knob ``eta``) or least squares on linear weights (bias
+    takes its layer's q), DARE's 1-p elsewhere."""
     _calibrate(st)
     lab = st.lab
     q: dict[str, float] = {n: 1.0 - p for n in lab.pruned_names}
@@ -281,7 +281,7 @@ def _layer_q(st: Setting, masks, p: float, how: str) -> dict[str, float]:
         bias = n.removesuffix(".weight") + ".bias"
         if how == "analytical":
             bd = lab.delta(bias) if bias in lab.ft_w else None
-            q[n] = analytical_q(d, cs.xbar, p, bias_delta=bd, name=n)
+            q[n] = analytical_q(d, cs.xbar, p, eta, bias_delta=bd, name=n)
         else:
             try:
                 q[n] = lsq_q(d, masks[n], cs.x, name=n)
