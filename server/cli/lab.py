@@ -75,7 +75,7 @@ def reproduce(
 ) -> None:
     """Fine-tune, prune with every method at every rate, evaluate; tables and plots.
 
-    Each (task, fine-tune spec) setting is one part; ``--jobs N`` runs N parts at once,
+    Each (task, fine-tune spec) setting is one part; --jobs N runs N parts at once,
     each on cpu_count/N threads. Each finished cell is appended to WORK/full/results.jsonl
     and each fine-tune cached in WORK/full/<base>/<task>/<spec>: a rerun reuses the
     fine-tunes and evaluates the cells again (the newer row of a cell wins)."""
