@@ -75,10 +75,8 @@ def reproduce(
 ) -> None:
     """Fine-tune, prune with every method at every rate, evaluate; tables and plots.
 
-    Each (task, fine-tune spec) setting is one part; --jobs N runs N parts at once,
-    each on cpu_count/N threads. Each finished cell is appended to WORK/full/results.jsonl
-    and each fine-tune cached in WORK/full/<base>/<task>/<spec>: a rerun reuses the
-    fine-tunes and evaluates the cells again (the newer row of a cell wins)."""
+    --jobs N runs N (task, spec) settings at once; cells and fine-tunes are kept in WORK/full.
+    """
     from server import reproduce as rp
     from storage.bases import resolve_base
     from storage.tasks import list_tasks, load_task
