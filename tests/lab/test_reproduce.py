@@ -207,3 +207,25 @@ def test_outchange_q_is_scored_on_the_masks_the_grid_evaluates(work, monkeypatch
         short = next(k for k, d in seen["deltas"].items() if torch.equal(d, st.lab.delta(n)))
         drawn = darex_q(st.lab.delta(n), 0.9, q, seed=1, name=seen["names"][short])
         assert torch.equal(drawn.indices, masks[n].indices), n
+
+
+def test_recommend_hit_rate_counts_only_the_fitted_cells_in_sample() -> None:
+    """The SmolLM2/arith adam-large cells at 0.9 and 0.99 set the threshold; the same
+    setting at a rate run later (0.5) is a held-out cell, and so is any other setting."""
+
+    def cells(task: str, spec: str, p: float, dare: float, mag: float) -> list[rp.Row]:
+        mk = lambda m, mean: rp.Row("smollm2-135m", task, spec, m, p, mean, 0.0, [0], [mean])  # noqa: E731
+        return [mk("dare", dare), mk("magnitude", mag), mk("recommend", float("nan"))]
+
+    ref = rp.Row("smollm2-135m", "arith", "adam-large", "unpruned", 0.0, 0.9, 0.0, [], [0.9])
+    rows = [
+        ref,
+        *cells("arith", "adam-large", 0.9, 0.8, 0.5),
+        *cells("arith", "adam-large", 0.5, 0.8, 0.85),
+    ]
+    for r in rows:
+        if r.method == "recommend":
+            r.extra = {"pick": "dare"}
+    hits = rr.recommend_hits(rows)
+    assert hits.fit == (1, 1)  # p = 0.9: dare picked and best
+    assert hits.held_out == (0, 1)  # p = 0.5: magnitude beat the pick by 5 points
