@@ -31,7 +31,7 @@ from pruning.recommend import DeltaStats, recommend
 from server.reproduce_lab import Lab, by_length, mean_std, open_lab, slug
 from server.training import RESULT_FILE, finetune
 from storage.bases import BaseInfo
-from storage.tasks import Task
+from storage.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,6 @@ def run_part(
     budget: Budget,
     rates: Iterable[float] = RATES,
     methods: Iterable[str] = METHODS,
-    progress: bool = True,
 ) -> list[Row]:
     """Fine-tune (or reuse) one spec on one task, then every method at every rate."""
     work.mkdir(parents=True, exist_ok=True)
@@ -428,7 +427,7 @@ def run_part(
     rows = reference_rows(st)
     append_rows(work, rows)
     todo = [(p, m) for p in rates for m in methods]
-    for p, m in tqdm(todo, desc=f"{task.name}/{spec}", unit="cell", disable=not progress):
+    for p, m in tqdm(todo, desc=f"{task.name}/{spec}", unit="cell"):
         row = run_method(st, m, p)
         append_rows(work, [row])
         rows.append(row)
@@ -448,20 +447,9 @@ class Part:
     budget: Budget
 
 
-def _run_one(work: Path, base: BaseInfo, part: Part, rates, methods, progress: bool) -> list[Row]:
-    from storage.tasks import load_task
-
-    return run_part(
-        work,
-        base,
-        load_task(part.task),
-        part.spec,
-        part.opts,
-        part.budget,
-        rates,
-        methods,
-        progress=progress,
-    )
+def _run_one(work: Path, base: BaseInfo, part: Part, rates, methods) -> list[Row]:
+    task = load_task(part.task)
+    return run_part(work, base, task, part.spec, part.opts, part.budget, rates, methods)
 
 
 @contextlib.contextmanager
@@ -513,16 +501,14 @@ def run_parts(
     if jobs <= 1 or len(parts) <= 1:
         for part in parts:
             try:
-                finish(part, _run_one(work, base, part, rates, methods, True))
+                finish(part, _run_one(work, base, part, rates, methods))
             except Exception as e:  # reported; the other parts go on
                 finish(part, e)
         return done
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
     with _child_env(threads), ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        futs = {
-            pool.submit(_run_one, work, base, part, rates, methods, False): part for part in parts
-        }
+        futs = {pool.submit(_run_one, work, base, part, rates, methods): part for part in parts}
         for fut in tqdm(as_completed(futs), total=len(futs), desc="reproduce", unit="part"):
             try:
                 finish(futs[fut], fut.result())
