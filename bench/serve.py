@@ -46,6 +46,11 @@ PROMPTS = [
 ]
 
 
+def gpu_bytes(dev: torch.device) -> int:
+    """Bytes the CUDA caching allocator holds for tensors (0 on CPU)."""
+    return torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -91,7 +96,7 @@ def run_sequential(
     return n, time.perf_counter() - t0
 
 
-def load_base(quick: bool, data_dir: Path) -> tuple[torch.nn.Module, object, str]:
+def load_base(quick: bool, base: str, data_dir: Path) -> tuple[torch.nn.Module, object, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quick:
@@ -103,8 +108,8 @@ def load_base(quick: bool, data_dir: Path) -> tuple[torch.nn.Module, object, str
     else:
         from storage.bases import resolve_base
 
-        path = resolve_base("smollm2-135m", data_dir).path
-        name = "smollm2-135m"
+        path = resolve_base(base, data_dir).path
+        name = Path(base).name
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -123,34 +128,37 @@ def main() -> None:
     ap.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("DAREX_DATA_DIR", "~/.darex"))
     )
+    ap.add_argument("--base", default="smollm2-135m", help="catalog name or local HF folder")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="resident dtype (float32, float16, ...)")
     args = ap.parse_args()
     n_models = args.models or (10 if args.quick else 50)
     n_req = args.requests or 8 * n_models
     torch.manual_seed(0)
 
-    model, tok, base_name = load_base(args.quick, args.data_dir.expanduser())
+    model, tok, base_name = load_base(args.quick, args.base, args.data_dir.expanduser())
     source = MemorySource()
     t0 = time.perf_counter()
     for i in range(n_models):
         source.add(f"ft-{i}", dare_delta(model, seed=i + 1, p=args.p))
     build_s = time.perf_counter() - t0
-    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     eng = Engine(
         model,
         tok,
         kind="causal-lm",
         source=source,
-        device="cpu",
-        dtype="float32",
+        device=args.device,
+        dtype=args.dtype,
         host_cache_bytes=64 << 30,
     )
+    full_bytes = eng.buf.numel() * eng.buf.element_size()  # one full model at this dtype
     sched = Scheduler(eng, max_batch_size=args.batch, max_batches_per_turn=args.turn)
-    rss_base = rss_bytes()
+    rss_base, gpu_base = rss_bytes(), gpu_bytes(eng.device)
 
     interleaved = [f"ft-{i % n_models}" for i in range(n_req)]
     asyncio.run(run_mix(sched, interleaved[: 2 * args.batch], 2))  # warm up, fill the caches
     asyncio.run(run_mix(sched, [f"ft-{i}" for i in range(n_models)], 1))
-    rss_cached = rss_bytes()
+    rss_cached, gpu_cached = rss_bytes(), gpu_bytes(eng.device)
     base_tok, base_s = asyncio.run(run_mix(sched, [None] * n_req, args.max_tokens))
     mix_tok, mix_s = asyncio.run(run_mix(sched, interleaved, args.max_tokens))
     swaps0, swap_s0 = sched.stats.swaps, sched.stats.swap_seconds
@@ -164,7 +172,9 @@ def main() -> None:
         f"# serving throughput — {base_name}, {dev} ({os.cpu_count()} cores), kernel {eng.kernel}"
     )
     print(
-        f"{n_models} fine-tunes at p={args.p} (built in {build_s:.1f}s); {n_req} requests x "
+        f"{n_models} fine-tunes at p={args.p} (built in {build_s:.1f}s), resident "
+        f"{str(eng.dtype).removeprefix('torch.')}; "
+        f"{n_req} requests x "
         f"{args.max_tokens} tokens, batch {args.batch}, {args.turn} batches per turn, greedy\n"
     )
     print("| run | tokens | seconds | tokens/s | vs base |")
@@ -185,8 +195,13 @@ def main() -> None:
     print("|---|---:|")
     print(f"| process RSS, base loaded | {rss_base / 2**20:.0f} MiB |")
     print(f"| process RSS, {n_models} fine-tunes cached | {rss_cached / 2**20:.0f} MiB |")
+    if eng.device.type == "cuda":
+        print(f"| GPU memory allocated, base loaded | {gpu_base / 2**20:.0f} MiB |")
+        cached = f"{gpu_cached / 2**20:.0f} MiB"
+        print(f"| GPU memory allocated, {n_models} fine-tunes cached | {cached} |")
     print(f"| decoded deltas held by the cache | {held / 2**20:.0f} MiB |")
-    print(f"| {n_models} full fp32 models (computed) | {n_models * full_bytes / 2**20:.0f} MiB |")
+    dt = str(eng.dtype).removeprefix("torch.")
+    print(f"| {n_models} full {dt} models (computed) | {n_models * full_bytes / 2**20:.0f} MiB |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"| peak RSS of this run | {peak / 2**20:.0f} MiB |")
 

@@ -6,7 +6,8 @@ then, all in the same run:
 
 - swap A -> B through ``Engine.activate`` (restore A + save-and-apply B), with
   the engine's kernel and with the torch reference ops;
-- the physical floor: every touched 64-byte cache line read and written back
+- the physical floor: every touched 64-byte cache line (32-byte sector on GPU) read and
+  written back
   (union over A and B), plus A's indices and saved values read, B's indices and
   values read and B's saved values written, divided by the bandwidth of a large
   ``copy_`` (bytes read + written per second) measured in this run;
@@ -43,7 +44,8 @@ from server.deltas import MemorySource, ModelDelta  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from storage.bases import resolve_base  # noqa: E402
 
-LINE = 64  # bytes per CPU cache line; 32-byte sectors on GPU
+# the granularity memory moves at: 64-byte cache lines on CPU, 32-byte sectors on GPU
+LINE = {"cpu": 64, "cuda": 32}
 N_FINETUNES = 50
 
 
@@ -146,15 +148,16 @@ def random_finetune(eng: Engine, base: dict[str, torch.Tensor], p: float, seed: 
     return ModelDelta(params, task="causal-lm" if eng.kind == "causal-lm" else "feature-extraction")
 
 
-def touched_lines(idx: torch.Tensor, elsize: int) -> torch.Tensor:
-    return torch.unique_consecutive(idx // (LINE // elsize))
+def touched_lines(idx: torch.Tensor, elsize: int, line: int) -> torch.Tensor:
+    return torch.unique_consecutive(idx // (line // elsize))
 
 
-def floor_bytes(idx_a: torch.Tensor, idx_b: torch.Tensor, elsize: int) -> int:
+def floor_bytes(idx_a: torch.Tensor, idx_b: torch.Tensor, elsize: int, line: int) -> int:
     """Traffic no swap A -> B can avoid (see module docstring)."""
-    lines = torch.unique(torch.cat([touched_lines(idx_a, elsize), touched_lines(idx_b, elsize)]))
+    touched = [touched_lines(i, elsize, line) for i in (idx_a, idx_b)]
+    lines = torch.unique(torch.cat(touched))
     return (
-        2 * LINE * lines.numel() + idx_a.numel() * (8 + elsize) + idx_b.numel() * (8 + 2 * elsize)
+        2 * line * lines.numel() + idx_a.numel() * (8 + elsize) + idx_b.numel() * (8 + 2 * elsize)
     )
 
 
@@ -189,15 +192,16 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def bench_base(name: str, ps: list[float], args: argparse.Namespace, rows: list[dict]) -> None:
-    info = resolve_base(name, args.data_dir)
+def bench_base(base_arg: str, ps: list[float], args: argparse.Namespace, rows: list[dict]) -> None:
+    info = resolve_base(base_arg, args.data_dir)
+    name = Path(base_arg).name  # a catalog name, or the folder's name
     dev = torch.device(args.device)
     src = MemorySource()
     eng = Engine.load(
         info,
         src,
         device=args.device,
-        dtype="float32",
+        dtype=args.dtype,
         device_cache_bytes=8 << 30,
         host_cache_bytes=8 << 30,
     )
@@ -212,8 +216,9 @@ def bench_base(name: str, ps: list[float], args: argparse.Namespace, rows: list[
         src.add(a, random_finetune(eng, base, p, 1))
         src.add(b, random_finetune(eng, base, p, 2))
         ra, rb = eng.cache.get(a), eng.cache.get(b)
-        floor_ab = floor_bytes(ra.idx, rb.idx, elsize)
-        floor_b = floor_bytes(ra.idx[:0], rb.idx, elsize)
+        line = LINE[dev.type]
+        floor_ab = floor_bytes(ra.idx.cpu(), rb.idx.cpu(), elsize, line)
+        floor_b = floor_bytes(ra.idx[:0].cpu(), rb.idx.cpu(), elsize, line)
         kernel = eng.kernel
         for impl in dict.fromkeys([kernel, "torch"]):
             eng.kernel = impl
@@ -276,7 +281,7 @@ def bench_base(name: str, ps: list[float], args: argparse.Namespace, rows: list[
     eng.close()
 
 
-def render(rows: list[dict], dev_name: str, command: str) -> str:
+def render(rows: list[dict], dev_name: str, command: str, line: int) -> str:
     """Markdown tables: each cell "median (best of n)"."""
     load = os.getloadavg()[0]
     out = [
@@ -290,8 +295,8 @@ def render(rows: list[dict], dev_name: str, command: str) -> str:
     ]
     out += [
         "Swap = `Engine.activate` (restore A + save-and-apply B), caches flushed by a large "
-        "copy_ before each swap; floor = touched 64-byte lines read + written, indices, values "
-        "and saved values, at the copy_ bandwidth. Cells: median (best of n).",
+        f"copy_ before each swap; floor = touched {line}-byte lines read + written, indices, "
+        "values and saved values, at the copy_ bandwidth. Cells: median (best of n).",
         "",
         "| base | p | kernel | nnz | swap A->B ms | floor ms | swap/floor | base->B ms | "
         "apply/floor |",
@@ -361,6 +366,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="minilm-l6, p=0.99, 4 reps, no file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", help="resident dtype (float32, float16, ...)")
     ap.add_argument(
         "--data-dir",
         type=Path,
@@ -375,7 +381,8 @@ def main() -> None:
     for name in tqdm(args.bases, desc="bases"):
         bench_base(name, args.p, args, rows)
     command = "python bench/swap.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = render(rows, device_name(torch.device(args.device)), command.strip())
+    dev = torch.device(args.device)
+    text = render(rows, device_name(dev), command.strip(), LINE[dev.type])
     print(text)
     if not args.quick:
         args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def merged_classify(base_dir: Path, delta: ModelDelta, texts: list[str]) -> list
 @torch.inference_mode()
 def reference_generate(model, tokenizer, prompt_ids: list[int], max_tokens: int) -> str:
     """Greedy text from HF ``generate`` on one unpadded prompt."""
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
