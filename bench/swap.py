@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 from server.deltas import MemorySource, ModelDelta  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.kernels import gpu  # noqa: E402
 from storage.bases import resolve_base  # noqa: E402
 
 # the granularity memory moves at: 64-byte cache lines on CPU, 32-byte sectors on GPU
@@ -368,7 +367,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="minilm-l6, p=0.99, 4 reps, no file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="resident dtype (float32, float16, ...)")
-    ap.add_argument("--triton", help="the Triton kernel as VARIANT/BLOCK (default: the engine's)")
     ap.add_argument(
         "--data-dir",
         type=Path,
@@ -377,9 +375,6 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "swap.md")
     args = ap.parse_args()
-    if args.triton:
-        gpu.VARIANT, blk = args.triton.split("/")
-        gpu.BLOCK = gpu.MERGE_BLOCK = int(blk)
     if args.quick:
         args.bases, args.p, args.reps = ["minilm-l6"], [0.99], 4
     rows: list[dict] = []

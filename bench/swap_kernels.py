@@ -4,12 +4,10 @@ For buffers the size of each base (float32) and DARE-shaped index sets A and B a
 times one swap A -> B (restore A, save and apply B) with each implementation:
 
 - ``torch``: the reference ops (``index_copy_``, ``index_select``, ``index_add_``);
-- ``triton-search/BLOCK``: one launch, every element binary-searches the other index set;
-- ``triton-ranged/BLOCK``: the same, each element searching only the part of the other
-  set between its block's first and last key (two scalar searches per program);
-- ``triton-merge/BLOCK``: one launch, merge path: each program takes BLOCK - 1 elements
-  of the merged order (two scalar searches per program), shared keys resolved inside
-  the program by a BLOCK x BLOCK comparison.
+- ``triton``: the engine's kernel, one launch; every element binary-searches the other
+  (sorted) index set for a shared key.
+
+A first row per implementation gives the fixed cost of one call (a one-element swap).
 
 GPU time is measured by ``triton.testing.do_bench`` (L2 flushed before each run), the
 time per call by the wall clock around call + synchronize (launch overhead included).
@@ -17,7 +15,7 @@ The floor counts every touched 32-byte sector read and written, plus indices, va
 and saved values, at the bandwidth of a large ``copy_`` measured in the same run. Each
 implementation's result is checked bit for bit against the reference.
 
-    python bench/swap_kernels.py                 # CUDA: both base sizes, p = 0.99 and 0.9
+    python bench/swap_kernels.py        # CUDA: both base sizes, p = 0.99 and 0.9
 """
 
 from __future__ import annotations
@@ -50,25 +48,15 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--p", nargs="+", type=float, default=[0.99, 0.9])
-    ap.add_argument(
-        "--triton",
-        nargs="+",
-        default=["search/1024", "ranged/1024", "ranged/256", "merge/128"],
-        help="Triton variants as VARIANT/BLOCK",
-    )
-    ap.add_argument("--best-out", type=Path, help="write the fastest Triton VARIANT/BLOCK here")
     args = ap.parse_args()
+    if not torch.cuda.is_available() or not gpu.HAVE_TRITON:
+        sys.exit("bench/swap_kernels.py needs a CUDA device and triton")
     dev = torch.device("cuda")
     big = torch.empty(1 << 28, device=dev)  # 1 GiB
     big_dst = torch.empty_like(big)
     bw = 2 * big.numel() * 4 / (1e-3 * do_bench(lambda: big_dst.copy_(big), return_mode="median"))
     print(f"device: {torch.cuda.get_device_name(dev)}; copy_ bandwidth {bw / 1e12:.2f} TB/s\n")
-    impls: dict[str, object] = {"torch": swap_reference}
-    for spec in args.triton:
-        variant, blk = spec.split("/")
-        impls[f"triton-{spec}"] = lambda *t, v=variant, b=int(blk): gpu.swap_cuda(
-            *t, variant=v, block=b
-        )
+    impls = {"torch": swap_reference, "triton": gpu.swap_cuda}
     # fixed cost per call: a swap of one element each
     one, i1 = torch.zeros(8, device=dev), torch.tensor([3], device=dev)
     s1, v1, o1 = (torch.zeros(1, device=dev) for _ in range(3))
@@ -84,7 +72,6 @@ def main() -> None:
     print()
     print("| base | p | nnz | floor us | impl | GPU us | GPU/floor | per call us | call/floor |")
     print("|---|---|---|---|---|---|---|---|---|")
-    score: dict[str, float] = {}
     for name, numel in SIZES.items():
         g = torch.Generator(device=dev).manual_seed(0)
         buf0 = torch.randn(numel, device=dev, generator=g)
@@ -120,13 +107,6 @@ def main() -> None:
                     f"{call_us / floor:.2f}x |",
                     flush=True,
                 )
-                if impl.startswith("triton-") and exact:
-                    spec = impl.removeprefix("triton-")
-                    score[spec] = score.get(spec, 0.0) + call_us / floor
-    if args.best_out and score:
-        best = min(score, key=score.__getitem__)
-        args.best_out.write_text(best)
-        print(f"\nfastest Triton variant (sum of call/floor): {best}")
 
 
 if __name__ == "__main__":
