@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pruning.methods import dare
 from pruning.sparse import SparseDelta
+from server.deltas import MemorySource
 
 
 def base_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -63,3 +64,25 @@ def save_merged(
     tensors.update(extras or {})
     save_file(tensors, str(dst_dir / "model.safetensors"), metadata={"format": "pt"})
     return dst_dir
+
+
+def random_source(
+    base: dict[str, torch.Tensor], models: dict[str, tuple[int, float]]
+) -> tuple[MemorySource, dict[str, dict[str, SparseDelta]]]:
+    """A source holding ``model_id -> random_finetune(seed, p)`` causal-LM deltas."""
+    src = MemorySource()
+    fts = {}
+    for mid, (seed, p) in models.items():
+        fts[mid] = random_finetune(base, seed=seed, p=p)
+        src.add_sparse(mid, fts[mid], task="causal-lm")
+    return src, fts
+
+
+def expected_buffers(eng, model_ids) -> dict[str | None, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """The flat buffer each model should leave: base (None) and base + delta per model."""
+    base_flat = eng.buf.clone()
+    out: dict[str | None, torch.Tensor] = {None: base_flat}
+    for mid in model_ids:
+        rd = eng.cache.get(mid)
+        out[mid] = base_flat.clone().index_add_(0, rd.idx, rd.val)
+    return out

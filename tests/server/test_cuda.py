@@ -23,7 +23,13 @@ from server.engine import Engine
 from server.generation import SamplingParams, encode_prompt
 from server.kernels import gpu
 from server.scheduler import Scheduler
-from tests.server.engine_util import base_state, merged_state, random_finetune, save_merged
+from tests.server.engine_util import (
+    base_state,
+    expected_buffers,
+    merged_state,
+    random_source,
+    save_merged,
+)
 from tests.server.finetunes import causal_delta, merged_causal, reference_generate
 
 pytestmark = [
@@ -39,11 +45,7 @@ TEXTS = ["the cat sat on the mat", "a much longer sentence about serving many fi
 
 def _engine(model_dir: Path, dtype: str) -> tuple[Engine, dict, dict]:
     base = base_state(model_dir)
-    src = MemorySource()
-    fts = {}
-    for mid, (seed, p) in MODELS.items():
-        fts[mid] = random_finetune(base, seed=seed, p=p)
-        src.add_sparse(mid, fts[mid], task="causal-lm")
+    src, fts = random_source(base, MODELS)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     eng = Engine(model, tok, kind="causal-lm", source=src, device="cuda", dtype=dtype)
@@ -55,11 +57,7 @@ def test_cuda_random_swaps_restore_base_bit_exactly(tiny_llama_dir: Path, dtype:
     eng, _, _ = _engine(tiny_llama_dir, dtype)
     try:
         assert eng.kernel == "triton" and eng.buf.is_cuda
-        base_flat = eng.buf.clone()
-        expected = {None: base_flat}
-        for mid in MODELS:
-            rd = eng.cache.get(mid)
-            expected[mid] = base_flat.clone().index_add_(0, rd.idx, rd.val)
+        expected = expected_buffers(eng, MODELS)
         ids = [None, *MODELS]
         total = [0]
 

@@ -19,7 +19,14 @@ from server.deltas import MemorySource
 from server.engine import Engine
 from server.errors import WrongTask
 from storage.errors import UnknownModel
-from tests.server.engine_util import base_state, merged_state, random_finetune, save_merged
+from tests.server.engine_util import (
+    base_state,
+    expected_buffers,
+    merged_state,
+    random_finetune,
+    random_source,
+    save_merged,
+)
 
 TEXTS = ["the cat sat on the mat", "a much longer sentence about serving many fine-tunes at once"]
 LM_MODELS = {"ft-a": (1, 0.9), "ft-b": (2, 0.9), "ft-c": (3, 0.5), "ft-a2": (1, 0.99)}
@@ -35,11 +42,7 @@ def _engine(model_dir: Path, kind: str, source: MemorySource, **kw) -> Engine:
 @pytest.fixture(scope="module")
 def lm(tiny_llama_dir: Path):
     base = base_state(tiny_llama_dir)
-    src = MemorySource()
-    fts = {}
-    for mid, (seed, p) in LM_MODELS.items():
-        fts[mid] = random_finetune(base, seed=seed, p=p)
-        src.add_sparse(mid, fts[mid], task="causal-lm")
+    src, fts = random_source(base, LM_MODELS)
     eng = _engine(tiny_llama_dir, "causal-lm", src)
     yield eng, base, fts
     eng.close()
@@ -179,11 +182,7 @@ def test_random_swaps_restore_base_bit_exactly(lm, impl: str, examples: int, lea
     eng, _, _ = lm
     eng.restore()
     eng.kernel = impl
-    base_flat = eng.buf.clone()
-    expected = {None: base_flat}
-    for mid in LM_MODELS:
-        rd = eng.cache.get(mid)
-        expected[mid] = base_flat.clone().index_add_(0, rd.idx, rd.val)
+    expected = expected_buffers(eng, LM_MODELS)
     ids = [None, eng.base_name, *LM_MODELS]
     total = [0]
 

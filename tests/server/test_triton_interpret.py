@@ -46,9 +46,8 @@ def test_triton_kernel_under_the_interpreter() -> None:
 
 
 if CHILD:
-    from server.deltas import MemorySource
     from server.engine import Engine
-    from tests.server.engine_util import base_state, random_finetune
+    from tests.server.engine_util import base_state, expected_buffers, random_source
     from tests.server.test_kernels import _run, swap_case
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -82,22 +81,15 @@ if CHILD:
         # fast (the kernel tests above cover many blocks of the real size)
         monkeypatch.setattr(gpu, "BLOCK", 1 << 16)
 
-        base = base_state(tiny_llama_dir)
-        src = MemorySource()
         models = {"a": (1, 0.9), "b": (2, 0.9), "c": (3, 0.5), "a2": (1, 0.99)}
-        for mid, (seed, p) in models.items():
-            src.add_sparse(mid, random_finetune(base, seed=seed, p=p), task="causal-lm")
+        src, _ = random_source(base_state(tiny_llama_dir), models)
         model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
         tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
         eng = Engine(
             model, tok, kind="causal-lm", source=src, device="cpu", dtype="float32", kernel="triton"
         )
         try:
-            base_flat = eng.buf.clone()
-            expected = {None: base_flat}
-            for mid in models:
-                rd = eng.cache.get(mid)
-                expected[mid] = base_flat.clone().index_add_(0, rd.idx, rd.val)
+            expected = expected_buffers(eng, models)
             ids = [None, *models]
 
             @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
