@@ -7,11 +7,13 @@ every request names the base. Throughput = generated tokens / wall time.
 A third row serves the interleaved mix one request at a time in arrival order
 (what a server without the model-aware scheduler does: one swap per request).
 
-Resident memory: RSS of this process with N fine-tunes cached vs the bytes N
-full fp32 copies of the model would take.
+Resident memory: RSS of this process (and, on CUDA, the GPU memory allocated) with
+N fine-tunes cached vs the bytes N full copies of the model at the resident dtype
+would take.
 
     python bench/serve.py --quick            # tiny Llama, 10 fine-tunes (CI smoke)
     python bench/serve.py                    # smollm2-135m, 50 fine-tunes at p = 0.99
+    python bench/serve.py --device cuda --dtype float16   # the same on a GPU
 """
 
 from __future__ import annotations
