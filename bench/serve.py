@@ -154,6 +154,7 @@ def main() -> None:
         host_cache_bytes=64 << 30,
     )
     full_bytes = eng.buf.numel() * eng.buf.element_size()  # one full model at this dtype
+    dtype_name = str(eng.dtype).removeprefix("torch.")
     sched = Scheduler(eng, max_batch_size=args.batch, max_batches_per_turn=args.turn)
     rss_base, gpu_base = rss_bytes(), gpu_bytes(eng.device)
 
@@ -174,8 +175,7 @@ def main() -> None:
         f"# serving throughput — {base_name}, {dev} ({os.cpu_count()} cores), kernel {eng.kernel}"
     )
     print(
-        f"{n_models} fine-tunes at p={args.p} (built in {build_s:.1f}s), resident "
-        f"{str(eng.dtype).removeprefix('torch.')}; "
+        f"{n_models} fine-tunes at p={args.p} (built in {build_s:.1f}s), resident {dtype_name}; "
         f"{n_req} requests x "
         f"{args.max_tokens} tokens, batch {args.batch}, {args.turn} batches per turn, greedy\n"
     )
@@ -202,8 +202,8 @@ def main() -> None:
         cached = f"{gpu_cached / 2**20:.0f} MiB"
         print(f"| GPU memory allocated, {n_models} fine-tunes cached | {cached} |")
     print(f"| decoded deltas held by the cache | {held / 2**20:.0f} MiB |")
-    dt = str(eng.dtype).removeprefix("torch.")
-    print(f"| {n_models} full {dt} models (computed) | {n_models * full_bytes / 2**20:.0f} MiB |")
+    full_mib = n_models * full_bytes / 2**20
+    print(f"| {n_models} full {dtype_name} models (computed) | {full_mib:.0f} MiB |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"| peak RSS of this run | {peak / 2**20:.0f} MiB |")
 

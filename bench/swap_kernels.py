@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,16 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from swap import LINE, floor_bytes, timed  # noqa: E402  (bench/swap.py, beside this file)
+
 from server.kernels import gpu, swap_reference  # noqa: E402
 
 SIZES = {"minilm-l6": 22_713_216, "smollm2-135m": 134_515_008}
-SECTOR = 32
-
-
-def floor_bytes(idx_a: torch.Tensor, idx_b: torch.Tensor, elsize: int) -> int:
-    per = SECTOR // elsize
-    lines = torch.unique(torch.cat([idx_a // per, idx_b // per])).numel()
-    return 2 * SECTOR * lines + idx_a.numel() * (8 + elsize) + idx_b.numel() * (8 + 2 * elsize)
 
 
 def main() -> None:
@@ -61,14 +55,8 @@ def main() -> None:
     one, i1 = torch.zeros(8, device=dev), torch.tensor([3], device=dev)
     s1, v1, o1 = (torch.zeros(1, device=dev) for _ in range(3))
     for impl, fn in impls.items():
-        walls = []
-        for _ in range(200):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(one, i1, s1, i1, v1, o1)
-            torch.cuda.synchronize()
-            walls.append(1e6 * (time.perf_counter() - t0))
-        print(f"{impl}: one-element swap + synchronize, {statistics.median(walls):.1f} us per call")
+        us = 1e6 * statistics.median(timed(lambda fn=fn: fn(one, i1, s1, i1, v1, o1), 200, dev))
+        print(f"{impl}: one-element swap + synchronize, {us:.1f} us per call")
     print()
     print("| base | p | nnz | floor us | impl | GPU us | GPU/floor | per call us | call/floor |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -80,7 +68,7 @@ def main() -> None:
             idx_b = torch.nonzero(torch.rand(numel, device=dev, generator=g) < 1 - p).flatten()
             saved_a = buf0[idx_a].clone()
             val_b = 0.01 * torch.randn(idx_b.numel(), device=dev, generator=g)
-            floor = floor_bytes(idx_a, idx_b, 4) / bw * 1e6
+            floor = floor_bytes(idx_a, idx_b, 4, LINE["cuda"]) / bw * 1e6
             want_buf = buf0.clone()
             want_saved = torch.empty_like(val_b)
             swap_reference(want_buf, idx_a, saved_a, idx_b, val_b, want_saved)
@@ -92,14 +80,7 @@ def main() -> None:
                 )
                 args_ = (buf, idx_a, saved_a, idx_b, val_b, saved_b)
                 gpu_us = 1e3 * do_bench(lambda fn=fn, a=args_: fn(*a), return_mode="median")
-                walls = []
-                for _ in range(30):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    fn(*args_)
-                    torch.cuda.synchronize()
-                    walls.append(1e6 * (time.perf_counter() - t0))
-                call_us = statistics.median(walls)
+                call_us = 1e6 * statistics.median(timed(lambda fn=fn, a=args_: fn(*a), 30, dev))
                 flag = "" if exact else " NOT EXACT"
                 print(
                     f"| {name} | {p} | {idx_b.numel():,} | {floor:.1f} | {impl}{flag} | "

@@ -8,6 +8,7 @@ answers must equal.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from server.deltas import MemorySource, ModelDelta
 from server.engine import Engine
+from server.generation import SamplingParams, encode_prompt
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -92,7 +94,9 @@ def reference_generate(model, tokenizer, prompt_ids: list[int], max_tokens: int)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def tiny_engine(base_dir: Path, kind: str, deltas: dict[str, ModelDelta], name: str) -> Engine:
+def tiny_engine(
+    base_dir: Path, kind: str, deltas: dict[str, ModelDelta], name: str, device: str = "cpu"
+) -> Engine:
     """A real Engine over a tiny model with an in-memory source holding ``deltas``."""
     source = MemorySource()
     for model_id, d in deltas.items():
@@ -101,8 +105,37 @@ def tiny_engine(base_dir: Path, kind: str, deltas: dict[str, ModelDelta], name: 
     model = auto.from_pretrained(base_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
     return Engine(
-        model, tok, kind=kind, source=source, device="cpu", dtype="float32", base_name=name
+        model, tok, kind=kind, source=source, device=device, dtype="float32", base_name=name
     )
+
+
+def assert_interleaved_answers(
+    sched,  # type: ignore[no-untyped-def]
+    base_dir: Path,
+    deltas: dict[str, ModelDelta],
+    models: list[str | None],
+    prompts: list[str],
+    max_tokens: int,
+) -> dict[str | None, list[str]]:
+    """Submit every (prompt, model) at once; each answer must equal HF ``generate`` on that
+    model's merged checkpoint (None = the base). Returns the answers per model."""
+    params = SamplingParams(max_tokens=max_tokens)
+
+    async def main():  # type: ignore[no-untyped-def]
+        jobs = [sched.complete(m, p, params) for p in prompts for m in models]
+        return await asyncio.gather(*jobs)
+
+    got = asyncio.run(main())
+    answers: dict[str | None, list[str]] = {m: [] for m in models}
+    for i, c in enumerate(got):
+        answers[models[i % len(models)]].append(c.text)
+        assert c.finish_reason in ("length", "stop")
+    tok, device = sched.engine.tokenizer, sched.engine.device
+    for m in models:
+        ref = merged_causal(base_dir, deltas.get(m) if m else None).to(device)
+        expect = [reference_generate(ref, tok, encode_prompt(tok, p), max_tokens) for p in prompts]
+        assert answers[m] == expect, m
+    return answers
 
 
 def save_causal_finetune(base_dir: Path, out: Path, seed: int) -> Path:

@@ -9,7 +9,6 @@ answers equal ``generate`` on each merged checkpoint. Skipped without a GPU.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.deltas import MemorySource
 from server.engine import Engine
-from server.generation import SamplingParams, encode_prompt
 from server.kernels import gpu
 from server.scheduler import Scheduler
 from tests.server.engine_util import (
@@ -30,7 +27,7 @@ from tests.server.engine_util import (
     random_source,
     save_merged,
 )
-from tests.server.finetunes import causal_delta, merged_causal, reference_generate
+from tests.server.finetunes import assert_interleaved_answers, causal_delta, tiny_engine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -100,30 +97,13 @@ def test_cuda_logits_equal_merged_checkpoint(tiny_llama_dir: Path, tmp_path: Pat
 
 def test_cuda_scheduler_interleaved_answers_equal_merged(tiny_llama_dir: Path) -> None:
     deltas = {"ft-a": causal_delta(tiny_llama_dir, 1), "ft-b": causal_delta(tiny_llama_dir, 2)}
-    src = MemorySource()
-    for mid, d in deltas.items():
-        src.add(mid, d)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    eng = Engine(model, tok, kind="causal-lm", source=src, device="cuda", dtype="float32")
+    eng = tiny_engine(tiny_llama_dir, "causal-lm", deltas, "tiny-llama", device="cuda")
     sched = Scheduler(eng, max_batch_size=4, max_batches_per_turn=2)
     prompts = ["hello world", "the quick brown fox jumps over", "a", "serving many fine tunes of"]
-    models = [None, "ft-a", "ft-b"]
-    params = SamplingParams(max_tokens=10)
     try:
-
-        async def main():
-            jobs = [sched.complete(m, p, params) for p in prompts for m in models]
-            return await asyncio.gather(*jobs)
-
-        got = asyncio.run(main())
-        answers: dict[str | None, list[str]] = {m: [] for m in models}
-        for i, c in enumerate(got):
-            answers[models[i % len(models)]].append(c.text)
-        for m in models:
-            ref = merged_causal(tiny_llama_dir, deltas.get(m) if m else None).to("cuda")
-            want = [reference_generate(ref, tok, encode_prompt(tok, p), 10) for p in prompts]
-            assert answers[m] == want, m
+        assert_interleaved_answers(
+            sched, tiny_llama_dir, deltas, [None, "ft-a", "ft-b"], prompts, 10
+        )
         assert sched.stats.swaps >= 2
     finally:
         sched.close()

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from server.errors import ModelRetired
-from server.generation import SamplingParams, encode_prompt
+from server.generation import SamplingParams
 from server.scheduler import Scheduler
 from storage.errors import UnknownModel
-from tests.server.finetunes import merged_causal, merged_classify, reference_generate
+from tests.server.finetunes import assert_interleaved_answers, merged_classify
 
 PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "serving many fine tunes of"]
 
@@ -30,23 +30,9 @@ def test_interleaved_models_each_get_their_own_greedy_answer(
     sched, llama_engine, tiny_llama_dir: Path, llama_deltas
 ) -> None:
     """Batched, left-padded, interleaved requests equal HF generate on each merged checkpoint."""
-    tok = llama_engine.tokenizer
-    models = [None, "ft-a", "ft-b"]
-    params = SamplingParams(max_tokens=10)
-
-    async def main():
-        jobs = [sched.complete(m, p, params) for p in PROMPTS for m in models]
-        return await asyncio.gather(*jobs)
-
-    got = asyncio.run(main())
-    answers: dict[str | None, list[str]] = {m: [] for m in models}
-    for i, c in enumerate(got):
-        answers[models[i % len(models)]].append(c.text)
-        assert c.finish_reason in ("length", "stop")
-    for m in models:
-        ref_model = merged_causal(tiny_llama_dir, llama_deltas.get(m) if m else None)
-        expect = [reference_generate(ref_model, tok, encode_prompt(tok, p), 10) for p in PROMPTS]
-        assert answers[m] == expect, m
+    answers = assert_interleaved_answers(
+        sched, tiny_llama_dir, llama_deltas, [None, "ft-a", "ft-b"], PROMPTS, 10
+    )
     assert answers["ft-a"] != answers[None] and answers["ft-b"] != answers["ft-a"]
     assert sched.stats.swaps >= 2
     assert llama_engine.activate(None) or llama_engine.active is None
