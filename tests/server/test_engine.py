@@ -187,7 +187,9 @@ def test_random_swaps_restore_base_bit_exactly(lm, impl: str, examples: int, lea
     total = [0]
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.lists(st.sampled_from(ids), min_size=30, max_size=80))
+    # each example at least least/examples swaps long, so the total cannot fall short of
+    # ``least`` however short the sequences hypothesis draws
+    @given(st.lists(st.sampled_from(ids), min_size=-(-least // examples), max_size=80))
     def run(seq: list[str | None]) -> None:
         for mid in seq:
             eng.activate(mid)
