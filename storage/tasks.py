@@ -53,7 +53,7 @@ class Task:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
-    metric_name: str  # "accuracy" | "exact-number" | "first-word"
+    metric_name: str  # "accuracy" | "exact-number" | "first-word" | "prefix"
     description: str = ""
     max_new_tokens: int = 0  # generation: tokens to generate at evaluation
     extra: dict = field(default_factory=dict)
@@ -74,6 +74,8 @@ class Task:
         """Fraction correct. Classification: ``pred == ref`` (label indices).
         ``exact-number``: the last integer on the first line of the generated text equals
         the reference number. ``first-word``: the first word (lowercase) equals the reference's.
+        ``prefix``: the generated text, leading spaces stripped, starts with the reference
+        (stripped) and the reference ends there or at a non-word character.
         """
         if len(preds) != len(refs):
             raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
@@ -83,6 +85,7 @@ class Task:
             "accuracy": lambda p, r: int(p) == int(r),
             "exact-number": lambda p, r: final_number(str(p)) == final_number(str(r)),
             "first-word": lambda p, r: first_word(str(p)) == first_word(str(r)),
+            "prefix": lambda p, r: starts_with_answer(str(p), str(r)),
         }[self.metric_name]
         return sum(score(p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
 
@@ -92,6 +95,15 @@ def final_number(text: str) -> int | None:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     nums = re.findall(r"-?\d+", lines[0]) if lines else []
     return int(nums[-1]) if nums else None
+
+
+def starts_with_answer(text: str, answer: str) -> bool:
+    """``text`` begins with ``answer`` as a whole: ' 42.' and ' 42\n' match '42', ' 420' does not."""
+    text, answer = text.lstrip(), answer.strip()
+    if not answer or not text.startswith(answer):
+        return False
+    rest = text[len(answer) :]
+    return not rest or not (rest[0].isalnum() or rest[0] == "_") or not (answer[-1].isalnum())
 
 
 def first_word(text: str) -> str:

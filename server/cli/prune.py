@@ -31,7 +31,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 console = Console()
 DEFAULT_DATA_DIR = Settings.model_fields["data_dir"].default
-_Q_MODES = ("outchange", "auto", "analytical")
+_Q_MODES = ("outchange", "labeled", "auto", "analytical")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _ST_DTYPE = {
     torch.float64: "F64",
@@ -238,23 +238,50 @@ def _layer_q(m, q_mode, d, p, st, name, seed, per, axis, eta) -> float | None:
         return 1.0 - p if random else None
 
 
-def _outchange_q(calib, n, base_dir, arch, b, f, ft_to_base, sel, p, seed) -> float:
-    """One global q for every pruned tensor by ``storage.qsearch.outchange_q``."""
+def _pruned_deltas(b, f, ft_to_base, sel) -> dict[str, torch.Tensor]:
+    """The deltas of every tensor that is pruned, keyed by the base's names."""
     from pruning.delta import compute_delta
-    from storage.qsearch import outchange_q, read_calib_texts
 
-    texts = read_calib_texts(calib.read_text())[:n]
-    if not texts:
-        raise typer.BadParameter(f"{calib} holds no calibration text")
     deltas = {}
     for fname in f.names():
         w_ft, bname = f.get(fname), ft_to_base.get(fname)
         if bname and w_ft.is_floating_point() and sel.selects(bname, w_ft):
             deltas[bname] = compute_delta(b.get(bname), w_ft, fname)
+    return deltas
+
+
+def _outchange_q(calib, n, base_dir, arch, deltas, p, seed) -> float:
+    """One global q for every pruned tensor by ``storage.qsearch.outchange_q``."""
+    from storage.qsearch import outchange_q, read_calib_texts
+
+    texts = read_calib_texts(calib.read_text())[:n]
+    if not texts:
+        raise typer.BadParameter(f"{calib} holds no calibration text")
     with tqdm(desc="q search (output change)", unit="q") as bar:
         q = outchange_q(base_dir, arch, deltas, texts, p, seed=seed, on_step=bar.update)
     console.print(f"q by output change on {len(texts)} calibration texts: {q:g}")
     return q
+
+
+def _labeled_q(val: Path, finetuned: Path, base_dir, arch, deltas, p, seed) -> Any:
+    """One global q for every pruned tensor by ``storage.labeled.labeled_q``."""
+    from storage.labeled import labeled_q, read_labeled
+
+    rows = read_labeled(val.read_text(), source=str(val))
+    with tqdm(desc="q search (labeled)", unit="q") as bar:
+        found = labeled_q(
+            finetuned,
+            base_dir,
+            arch,
+            deltas,
+            rows,
+            p,
+            seed=seed,
+            source=str(val),
+            on_step=bar.update,
+        )
+    console.print(found.summary())
+    return found
 
 
 @app.command()
@@ -269,12 +296,20 @@ def prune(
     q: Annotated[
         str | None,
         typer.Option(
-            help="FLOAT; or from --calib texts: outchange (one global q, output change), "
-            "auto (per-layer least squares) or analytical (per layer)."
+            help="FLOAT; labeled (one global q, best metric on the --val examples); or "
+            "from --calib texts: outchange (one global q, output change), auto (per-layer "
+            "least squares) or analytical (per layer)."
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random mask.")] = 0,
     calib: Annotated[Path | None, typer.Option(help="Text file (or .jsonl with 'text').")] = None,
+    val: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labeled examples for --q labeled: JSON lines with 'text' and "
+            "'label' (classification) or 'target' (generation)."
+        ),
+    ] = None,
     per: Annotated[str, typer.Option(help="WANDA: top-k per 'row' or 'tensor'.")] = "row",
     axis: Annotated[str, typer.Option(help="structural: drop 'row's or 'col's.")] = "row",
     eta: Annotated[float, typer.Option(help="Knob of the analytical q.")] = 0.45,
@@ -295,27 +330,41 @@ def prune(
             raise typer.BadParameter(f"unknown method {method!r}")
         q_mode = None if q is None else q if q in _Q_MODES else float(q)
         if m is Method.darex_q and q_mode is None:
-            raise typer.BadParameter("darex_q needs --q FLOAT, outchange, auto or analytical")
+            raise typer.BadParameter(
+                "darex_q needs --q FLOAT, labeled, outchange, auto or analytical"
+            )
         if m is Method.dare and q_mode is not None:
             raise typer.BadParameter("dare rescales by 1/(1-p); use --method darex_q for a q")
-        needs_calib = m is Method.wanda or isinstance(q_mode, str)
+        if q_mode == "labeled" and m is not Method.darex_q:
+            raise typer.BadParameter("--q labeled searches DAREx-q's q: use --method darex_q")
+        if q_mode == "labeled" and val is None:
+            raise typer.BadParameter("--q labeled needs --val FILE (labeled examples)")
+        if val is not None and q_mode != "labeled":
+            raise typer.BadParameter("--val is read by --q labeled only")
+        needs_calib = m is Method.wanda or (isinstance(q_mode, str) and q_mode != "labeled")
         if needs_calib and calib is None:
             raise typer.BadParameter(f"--method {method} --q {q} needs --calib FILE")
         base_dir, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
         sel = make_selector(arch, include, exclude)
         stats = {}
         ft_to_base = {fn: bn for bn, fn in plan.pairs.items()}
-        if calib is not None and q_mode == "outchange":
-            q_mode = _outchange_q(
-                calib, calib_samples, base_dir, arch, b, f, ft_to_base, sel, p, seed
-            )
+        found = None
+        if val is not None:
+            deltas = _pruned_deltas(b, f, ft_to_base, sel)
+            found = _labeled_q(val, Path(finetuned), base_dir, arch, deltas, p, seed)
+            q_mode = found.q
+            del deltas
+        elif calib is not None and q_mode == "outchange":
+            deltas = _pruned_deltas(b, f, ft_to_base, sel)
+            q_mode = _outchange_q(calib, calib_samples, base_dir, arch, deltas, p, seed)
+            del deltas
         elif calib is not None:
             batches = _calib_batches(calib, [Path(finetuned), base_dir], calib_samples, 128)
             stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
         out.mkdir(parents=True, exist_ok=True)
         names = f.names()
         metas = [(n, f.meta[n].dtype, f.meta[n].shape) for n in names]
-        q_info = f"outchange={q_mode:g}" if q == "outchange" else str(q)
+        q_info = f"{q}={q_mode:g}" if q in ("outchange", "labeled") else str(q)
         info = {"method": m.value, "p": str(p), "q": q_info, "seed": str(seed), "format": "pt"}
         writer = SafetensorsWriter(out / "model.safetensors", metas, info)
         report: dict[str, dict] = {}
@@ -328,7 +377,6 @@ def prune(
                 continue
             w_base = b.get(bname)
             d = compute_delta(w_base, w_ft, fname)
-            st = stats.get(fname)
             tq = _layer_q(m, q_mode, d, p, stats.get(fname), bname, seed, per, axis, eta)
             st = stats.get(fname)
             if m is Method.wanda and (st is None or d.dim() != 2):
@@ -353,6 +401,15 @@ def prune(
             **info,
             "tensors": report,
         }
+        if found is not None:  # the metric on the --val examples: at q, DARE, unpruned
+            summary["val"] = {
+                "metric": found.metric,
+                "n": found.n,
+                "q": found.score,
+                "dare": found.dare,
+                "unpruned": found.unpruned,
+                "tried": [list(t) for t in found.tried],
+            }
         (out / "darex_prune.json").write_text(json.dumps(summary, indent=1))
         console.print(
             f"pruned {len(report)} tensors ({m.value}, p={p}): kept {kept:,} of {total:,} "

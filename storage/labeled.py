@@ -1,0 +1,257 @@
+"""DAREx-q's q from labeled examples: the paper's grid search on a validation set.
+
+Used by ``darex prune --q labeled --val FILE``, ``darex store add --val FILE`` and the
+upload's ``val`` field. The examples are JSON lines, one per line:
+
+- ``{"text": "a warm, funny film", "label": "positive"}`` for a classification
+  fine-tune (``label`` is a name from its config's ``label2id`` or an index);
+- ``{"text": "Q: 3 plus 4?\\nA:", "target": "7"}`` for a decoder: the greedy
+  continuation of ``text`` must begin with ``target`` (``Task`` metric ``prefix``).
+
+The fine-tuned model is loaded once (from its own folder, so a new classification
+head comes with it; a decoder LoRA adapter is applied to the base), every pruned
+tensor gets the DARE mask that is stored for the same seed (masks are keyed by the
+base's tensor names), and ``pruning.q.search_q_global`` scans q from 1-p (plain DARE)
+upward for the best metric, then a 4x finer grid around it. In the reproduction grid
+(docs/results/reproduce.md) this is the choice that came closest to the best method.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning.errors import PruningError
+from pruning.methods import dare_indices
+from pruning.q import search_q_global
+from storage.checkpoint import open_checkpoint
+from storage.predict import predict, reference
+from storage.tasks import Example, Task
+
+MAX_EXAMPLES = 1000  # the first 1,000 lines: every q tried evaluates all of them
+BATCH = 16
+FORMAT = (
+    'JSON lines: {"text": ..., "label": NAME_OR_INDEX} (classification) '
+    'or {"text": ..., "target": ...} (generation)'
+)
+
+
+@dataclass(frozen=True)
+class LabeledQ:
+    """The q found, and the metric on the examples: at q, with plain DARE (q = 1-p,
+    the same mask) and unpruned; ``tried`` is every (q, metric) evaluated."""
+
+    q: float
+    score: float
+    dare: float
+    unpruned: float
+    n: int
+    metric: str
+    tried: tuple[tuple[float, float], ...]
+
+    def summary(self) -> str:
+        pct = [f"{100 * x:.1f}" for x in (self.score, self.dare, self.unpruned)]
+        return (
+            f"q={self.q:g} by {self.metric} on {self.n} labeled examples: "
+            f"{pct[0]} (DARE {pct[1]}, unpruned {pct[2]})"
+        )
+
+
+def read_labeled(raw: str, source: str = "val") -> list[dict[str, Any]]:
+    """Parse the JSON lines (blank lines skipped); every line names its line number on error.
+
+    Returns dicts with ``text``, ``label`` or ``target``, and ``line``; at most
+    ``MAX_EXAMPLES``. All lines must be of one kind (label or target).
+    """
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source} line {i}"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise PruningError(f"{where}: not a JSON object ({e.msg}); expected {FORMAT}") from e
+        if not isinstance(obj, dict):
+            raise PruningError(f"{where}: not a JSON object; expected {FORMAT}")
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise PruningError(f"{where}: 'text' must be a non-empty string")
+        if ("label" in obj) == ("target" in obj):
+            raise PruningError(f"{where}: give exactly one of 'label' or 'target'")
+        if "label" in obj:
+            lab = obj["label"]
+            if isinstance(lab, bool) or not isinstance(lab, int | str) or lab == "":
+                raise PruningError(f"{where}: 'label' must be a label name or an index")
+            row = {"text": text, "label": lab, "line": i}
+        else:
+            tgt = obj["target"]
+            if not isinstance(tgt, str) or not tgt.strip():
+                raise PruningError(f"{where}: 'target' must be a non-empty string")
+            row = {"text": text, "target": tgt, "line": i}
+        if rows and ("label" in rows[0]) != ("label" in row):
+            raise PruningError(f"{where}: mixes 'label' and 'target' lines; use one kind")
+        rows.append(row)
+        if len(rows) == MAX_EXAMPLES:
+            break
+    if not rows:
+        raise PruningError(f"{source}: no labeled example in it; expected {FORMAT}")
+    return rows
+
+
+def _task(rows: Sequence[Mapping[str, Any]], model: Any, tokenizer: Any, source: str) -> Task:
+    """The examples as a one-split ``Task`` for this model (labels checked against it)."""
+    classify = "label" in rows[0]
+    if classify and not _is_classifier(model):
+        raise PruningError(
+            f"{source}: 'label' lines need a sequence-classification fine-tune; "
+            "a decoder's lines take a 'target' string"
+        )
+    if not classify and _is_classifier(model):
+        raise PruningError(
+            f"{source}: a classification fine-tune takes 'label' lines, not 'target'"
+        )
+    if not classify:
+        exs = [Example(r["text"], target=r["target"]) for r in rows]
+        longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in exs)
+        return Task("val", "generation", (), [], exs, [], "prefix", max_new_tokens=longest + 1)
+    id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    n = int(model.config.num_labels)
+    names = [id2label.get(i, str(i)) for i in range(n)]
+    exs = []
+    for r in rows:
+        lab = r["label"]
+        if isinstance(lab, str) and lab in names:
+            lab = names.index(lab)
+        elif isinstance(lab, str) and lab.isdigit():
+            lab = int(lab)
+        elif isinstance(lab, str):
+            raise PruningError(
+                f"{source} line {r['line']}: label {lab!r} is not one of the fine-tune's {names}"
+            )
+        if not 0 <= lab < n:
+            raise PruningError(
+                f"{source} line {r['line']}: label index {lab} is out of range (0..{n - 1})"
+            )
+        exs.append(Example(r["text"], label=int(lab)))
+    return Task("val", "classification", tuple(names), [], exs, [], "accuracy")
+
+
+def _is_classifier(model: Any) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _load(finetuned: Path, base_path: Path, arch: str, lora: bool) -> tuple[Any, Any]:
+    """The fine-tuned model (its own head) and a tokenizer; a LoRA adapter's base model."""
+    import transformers
+
+    if lora:
+        if arch != "decoder":
+            raise PruningError(
+                "a labeled q search on an encoder LoRA adapter has no classification head "
+                "to score with: merge the adapter and send the full checkpoint"
+            )
+        folder = base_path
+        cls: Any = transformers.AutoModelForCausalLM
+    else:
+        folder = finetuned if finetuned.is_dir() else finetuned.parent
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            raise PruningError(
+                "a labeled q search loads the fine-tune with its config: "
+                f"no config.json in {folder}"
+            )
+        archs = json.loads(cfg_file.read_text()).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            cls = transformers.AutoModelForSequenceClassification
+        elif arch == "decoder":
+            cls = transformers.AutoModelForCausalLM
+        else:
+            raise PruningError(
+                f"a labeled q search on an encoder needs a sequence-classification "
+                f"fine-tune; {folder}/config.json names {archs or 'no architecture'}"
+            )
+    model = cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok_dir = next(
+        (d for d in (folder, base_path) if any((d / f).is_file() for f in _TOKENIZER_FILES)),
+        base_path,
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+@torch.no_grad()
+def labeled_q(
+    finetuned: Path,
+    base_path: Path,
+    arch: str,
+    deltas: Mapping[str, torch.Tensor],
+    rows: Sequence[Mapping[str, Any]],
+    p: float,
+    *,
+    seed: int = 0,
+    lora: bool = False,
+    max_length: int = 128,
+    source: str = "val",
+    on_step: Callable[[], None] | None = None,
+) -> LabeledQ:
+    """Search DAREx-q's global q on labeled ``rows`` (``read_labeled``).
+
+    ``deltas`` are the pruned tensors' deltas keyed by the base's tensor names, as
+    ingest and ``darex prune`` hold them; the other tensors keep the fine-tune's values.
+    """
+    model, tok = _load(Path(finetuned), Path(base_path), arch, lora)
+    task = _task(rows, model, tok, source)
+    own = dict(model.named_parameters())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    base_ckpt = open_checkpoint(base_path)
+    entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for name, d in deltas.items():
+        key = next((k for k in (name, prefix + name, name.removeprefix(prefix)) if k in own), None)
+        if key is not None and own[key].shape == d.shape:
+            entries.append((own[key], base_ckpt.get(name).float(), d.float(), name))
+    if not entries:
+        raise PruningError("no pruned tensor is a parameter of the fine-tuned model")
+    masks = {name: dare_indices(seed, name, p, d.numel()) for _, _, d, name in entries}
+    exs = task.validation
+
+    def metric(factor: float | None) -> float:
+        """The metric with ``W = W_base + factor * mask * d`` (None: ``W_base + d``)."""
+        for prm, base, d, name in entries:
+            w = base.clone()
+            if factor is None:
+                w.add_(d)
+            else:
+                idx = masks[name]
+                w.view(-1).index_add_(0, idx, d.view(-1)[idx] * factor)
+            prm.copy_(w)
+        preds = predict(model, tok, task, exs, batch_size=BATCH, max_length=max_length)
+        return task.metric(preds, [reference(task, e) for e in exs])
+
+    unpruned = metric(None)
+
+    def score(q: float) -> float:
+        if on_step is not None:
+            on_step()
+        return metric(1.0 / q)
+
+    found = search_q_global(score, p, refine=4)
+    return LabeledQ(
+        found.q,
+        found.score,
+        dict(found.tried)[round(1.0 - p, 12)],
+        unpruned,
+        len(exs),
+        task.metric_name,
+        found.tried,
+    )

@@ -1,0 +1,98 @@
+"""Predictions of a loaded model on task examples: the part of evaluation ingest needs too.
+
+Classification predicts ``argmax`` of the logits; generation decodes greedily
+(``Task.max_new_tokens`` tokens, stopping at EOS) from left-padded prompts.
+``server.evaluation`` adds loading a fine-tune and a task split on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from storage.tasks import Example, Task
+
+DEFAULT_MAX_LENGTH = 64  # tokens per example, as in training
+
+
+def pad_id(tokenizer: Any, model: Any) -> int:
+    """The tokenizer's pad token, else EOS, else 0."""
+    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.eos_token_id, 0):
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def eos_id(tokenizer: Any, model: Any) -> int | None:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else None
+    if eos is None:
+        eos = model.config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos
+
+
+def reference(task: Task, e: Example) -> int | str:
+    return e.label if task.kind == "classification" else e.target
+
+
+@torch.no_grad()
+def predict(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    exs: Sequence[Example],
+    batch_size: int = 32,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    progress: bool = False,
+) -> list[int] | list[str]:
+    """Predicted label indices (classification) or greedy continuations (generation)."""
+    device = next(model.parameters()).device
+    preds: list = []
+    for i in tqdm(range(0, len(exs), batch_size), desc="evaluate", disable=not progress):
+        chunk = exs[i : i + batch_size]
+        if task.kind == "classification":
+            enc = tokenizer(
+                [e.text for e in chunk],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            preds += model(**enc).logits.argmax(-1).tolist()
+        else:
+            preds += _generate(
+                model, tokenizer, [e.text for e in chunk], task.max_new_tokens, max_length, device
+            )
+    return preds
+
+
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    new_tokens: int,
+    max_length: int,
+    device: torch.device,
+) -> list[str]:
+    pad, eos = pad_id(tokenizer, model), eos_id(tokenizer, model)
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_length:] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every prompt ends at the same column
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
