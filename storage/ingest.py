@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +33,9 @@ from storage.errors import BadCheckpoint, BaseMismatch, ModelExists, UnknownMode
 from storage.manifest import BaseRef, Manifest, TensorEntry
 from storage.modelid import validate_model_id
 from storage.store import DeltaStore
+
+if TYPE_CHECKING:
+    from storage.labeled import LabeledQ
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +139,12 @@ class IngestResult:
 
 
 def _recommend(
-    source: Source, selector: Selector, is_lora: bool, p: float, has_calib: bool = False
+    source: Source,
+    selector: Selector,
+    is_lora: bool,
+    p: float,
+    has_calib: bool = False,
+    has_labels: bool = False,
 ) -> tuple[str, float | None, str]:
     """Method, q and reason from ``pruning.recommend`` on the statistics of the pruned deltas."""
     from pruning.recommend import delta_stats, recommend
@@ -145,7 +153,7 @@ def _recommend(
     stats = {n: s for n, s in stats.items() if s.numel}
     if not stats:
         return "dare", None, "nothing to prune"
-    rec = recommend(stats, has_labels=False, is_lora=is_lora, has_calib=has_calib, p=p)
+    rec = recommend(stats, has_labels=has_labels, is_lora=is_lora, has_calib=has_calib, p=p)
     return str(getattr(rec.method, "value", rec.method)), rec.params.get("q"), rec.reason
 
 
@@ -163,6 +171,27 @@ def _search_q(
     deltas = {n: read() for n, read in source.deltas.items() if selector.matches(n)}
     with tqdm(desc="q search", unit="q", disable=not show_progress) as bar:
         return outchange_q(base.path, base.arch, deltas, texts, p, seed=seed, on_step=bar.update)
+
+
+def _search_q_labeled(
+    source: Source,
+    selector: Selector,
+    base: BaseLike,
+    path: Path | str | Sequence[Path | str],
+    lora: bool,
+    rows: Sequence[Mapping[str, Any]],
+    p: float,
+    seed: int,
+    show_progress: bool,
+) -> LabeledQ:
+    from storage.labeled import labeled_q
+
+    folder = Path(path[0]).parent if isinstance(path, (list, tuple)) else Path(path)
+    deltas = {n: read() for n, read in source.deltas.items() if selector.matches(n)}
+    with tqdm(desc="q search (labeled)", unit="q", disable=not show_progress) as bar:
+        return labeled_q(
+            folder, base.path, base.arch, deltas, rows, p, seed=seed, lora=lora, on_step=bar.update
+        )
 
 
 def _encode_pruned(
@@ -204,6 +233,7 @@ def ingest(
     task: str | None = None,
     labels: list[str] | None = None,
     calib_texts: Sequence[str] | None = None,
+    val: Sequence[Mapping[str, Any]] | None = None,
     replace: bool = False,
     max_tensors: int = 10_000,
     progress: Progress | None = None,
@@ -213,14 +243,18 @@ def ingest(
 
     ``calib_texts`` (unlabeled samples of the fine-tune's inputs) let the recommended
     method be DAREx-q, and let ``darex_q`` go without a q: q is then searched on them by
-    the output change (``storage.qsearch``).
+    the output change (``storage.qsearch``). ``val`` (labeled examples, as
+    ``storage.labeled.read_labeled`` returns them) does the same with q searched for the
+    best metric on them (``storage.labeled``), and takes precedence over the texts.
     """
     t0 = time.perf_counter()
     validate_model_id(model_id)
     if encoding not in ENCODING_CHOICES:
         raise ValueError(f"encoding must be one of {ENCODING_CHOICES}, got {encoding!r}")
-    if method == "darex_q" and q is None and not calib_texts:
-        raise PruningError("method darex_q needs q, or calibration texts to search it on")
+    if method == "darex_q" and q is None and not calib_texts and not val:
+        raise PruningError(
+            "method darex_q needs q, or labeled examples or calibration texts to search it on"
+        )
     if not replace:
         try:
             store.registry.get_model(model_id)
@@ -250,9 +284,18 @@ def ingest(
     reason = "given"
     if method is None:
         report(0.02, "choosing a method")
-        method, rec_q, reason = _recommend(source, selector, lora, rate, bool(calib_texts))
+        method, rec_q, reason = _recommend(
+            source, selector, lora, rate, bool(calib_texts), has_labels=bool(val)
+        )
         q = q if q is not None else rec_q
-    if method == "darex_q" and q is None:
+    if method == "darex_q" and q is None and val:
+        report(0.03, "searching q on the labeled examples")
+        found = _search_q_labeled(
+            source, selector, base, path, lora, val, rate, seed, show_progress
+        )
+        q = found.q
+        reason += f"; {found.summary()}"
+    elif method == "darex_q" and q is None:
         report(0.03, "searching q on the calibration texts")
         q = _search_q(source, selector, base, calib_texts or [], rate, seed, show_progress)
         reason += f"; q={q:g} by output change on the calibration texts"

@@ -104,46 +104,75 @@ def read_labeled(raw: str, source: str = "val") -> list[dict[str, Any]]:
     return rows
 
 
+def check_val_options(method: str | None, q: float | None) -> None:
+    """Labeled examples choose DAREx-q's q: refuse them where no q is searched."""
+    if q is not None:
+        raise PruningError("val: labeled examples search q; send either q or val, not both")
+    if method is not None and method != "darex_q":
+        raise PruningError(
+            f"val: labeled examples search DAREx-q's q; method {method} takes no q "
+            "(leave method out for the recommended one, or use darex_q)"
+        )
+
+
 def _task(rows: Sequence[Mapping[str, Any]], model: Any, tokenizer: Any, source: str) -> Task:
     """The examples as a one-split ``Task`` for this model (labels checked against it)."""
-    classify = "label" in rows[0]
-    if classify and not _is_classifier(model):
-        raise PruningError(
-            f"{source}: 'label' lines need a sequence-classification fine-tune; "
-            "a decoder's lines take a 'target' string"
-        )
-    if not classify and _is_classifier(model):
-        raise PruningError(
-            f"{source}: a classification fine-tune takes 'label' lines, not 'target'"
-        )
-    if not classify:
+    check_kind(rows, type(model).__name__, source)
+    if "label" not in rows[0]:
         exs = [Example(r["text"], target=r["target"]) for r in rows]
         longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in exs)
         return Task("val", "generation", (), [], exs, [], "prefix", max_new_tokens=longest + 1)
-    id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
-    n = int(model.config.num_labels)
-    names = [id2label.get(i, str(i)) for i in range(n)]
-    exs = []
+    names = label_names(model.config.id2label, int(model.config.num_labels))
+    exs = [
+        Example(r["text"], label=i)
+        for r, i in zip(rows, label_indices(rows, names, source), strict=True)
+    ]
+    return Task("val", "classification", tuple(names), [], exs, [], "accuracy")
+
+
+def label_names(id2label: Mapping[Any, Any] | None, num_labels: int) -> list[str]:
+    """A classifier's label names by index (a config's ``id2label``; missing ones by number)."""
+    by_id = {int(k): str(v) for k, v in (id2label or {}).items()}
+    return [by_id.get(i, str(i)) for i in range(num_labels)]
+
+
+def label_indices(
+    rows: Sequence[Mapping[str, Any]], names: Sequence[str], source: str = "val"
+) -> list[int]:
+    """Each row's label as an index into ``names`` (a name, a digit string or an index)."""
+    out = []
     for r in rows:
         lab = r["label"]
         if isinstance(lab, str) and lab in names:
-            lab = names.index(lab)
+            lab = list(names).index(lab)
         elif isinstance(lab, str) and lab.isdigit():
             lab = int(lab)
         elif isinstance(lab, str):
             raise PruningError(
-                f"{source} line {r['line']}: label {lab!r} is not one of the fine-tune's {names}"
+                f"{source} line {r['line']}: label {lab!r} is not one of the fine-tune's "
+                f"{list(names)}"
             )
-        if not 0 <= lab < n:
+        if not 0 <= lab < len(names):
             raise PruningError(
-                f"{source} line {r['line']}: label index {lab} is out of range (0..{n - 1})"
+                f"{source} line {r['line']}: label index {lab} is out of range "
+                f"(0..{len(names) - 1})"
             )
-        exs.append(Example(r["text"], label=int(lab)))
-    return Task("val", "classification", tuple(names), [], exs, [], "accuracy")
+        out.append(int(lab))
+    return out
 
 
-def _is_classifier(model: Any) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
+def check_kind(rows: Sequence[Mapping[str, Any]], architecture: str, source: str = "val") -> None:
+    """'label' lines go with a sequence classifier, 'target' lines with anything else."""
+    classifier = architecture.endswith("ForSequenceClassification")
+    if "label" in rows[0] and not classifier:
+        raise PruningError(
+            f"{source}: 'label' lines need a sequence-classification fine-tune, not "
+            f"{architecture or 'an unnamed architecture'}; a decoder's lines take a 'target'"
+        )
+    if "label" not in rows[0] and classifier:
+        raise PruningError(
+            f"{source}: a classification fine-tune takes 'label' lines, not 'target'"
+        )
 
 
 def _load(finetuned: Path, base_path: Path, arch: str, lora: bool) -> tuple[Any, Any]:

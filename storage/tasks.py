@@ -98,12 +98,13 @@ def final_number(text: str) -> int | None:
 
 
 def starts_with_answer(text: str, answer: str) -> bool:
-    """``text`` begins with ``answer`` as a whole: ' 42.' and ' 42\n' match '42', ' 420' does not."""
+    """``text`` begins with ``answer`` as a whole word: ' 42.' and ' 42\nQ' match '42',
+    ' 420' does not (an answer ending in punctuation matches whatever follows it)."""
     text, answer = text.lstrip(), answer.strip()
     if not answer or not text.startswith(answer):
         return False
     rest = text[len(answer) :]
-    return not rest or not (rest[0].isalnum() or rest[0] == "_") or not (answer[-1].isalnum())
+    return not rest or not (rest[0].isalnum() or rest[0] == "_") or not answer[-1].isalnum()
 
 
 def first_word(text: str) -> str:

@@ -257,6 +257,7 @@ class ModelPublic(BaseModel):
     method: str
     p: float | None
     q: float | dict[str, float] | None
+    reason: str = ""  # why this method and q (the recommendation, the q search's result)
     stored_bytes: int
     fp16_bytes: int | None
     ratio_vs_fp16: float | None

@@ -51,6 +51,13 @@ def add(
         Path | None,
         typer.Option(help="Texts, one per line: DAREx-q's q is searched on them."),
     ] = None,
+    val: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labeled examples (JSON lines: 'text' and 'label' or 'target'): DAREx-q's "
+            "q is searched for the best metric on them."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the DARE mask.")] = 0,
     encoding: Annotated[str, typer.Option(help="auto, seed, explicit or dense.")] = "auto",
     values: Annotated[str, typer.Option(help="float16, bfloat16, float32 or int8.")] = "float16",
@@ -62,15 +69,19 @@ def add(
     from storage.bases import resolve_base
     from storage.errors import StorageError
     from storage.ingest import ingest
+    from storage.labeled import check_val_options, read_labeled
     from storage.qsearch import read_calib_texts
 
     s = get_settings()
     try:
-        texts = None
+        texts = rows = None
         if calib is not None:
             texts = read_calib_texts(calib.read_text())
             if not texts:
                 raise ValueError(f"{calib} holds no calibration text")
+        if val is not None:
+            check_val_options(method, q)
+            rows = read_labeled(val.read_text(), source=str(val))
         info = resolve_base(base or s.base, s.data_dir)
         store = _store()
         res = ingest(
@@ -87,6 +98,7 @@ def add(
             replace=replace,
             max_tensors=s.max_tensors,
             calib_texts=texts,
+            val=rows,
         )
     except (StorageError, PruningError, ValueError, OSError) as e:
         raise _fail(e) from e

@@ -193,3 +193,18 @@ def test_prune_labeled_q_refuses_bad_input(tiny_bert_dir, tiny_llama_dir, classi
         ],
     )
     assert res.exit_code == 1 and "needs a sequence-classification fine-tune" in _said(res)
+
+
+def test_prefix_metric_needs_the_whole_answer() -> None:
+    task = Task("t", "generation", (), [], [], [], "prefix", max_new_tokens=3)
+    preds = [" 42.", " 42\nQ: next", " 420", "42", " positive review", " positives", " "]
+    refs = ["42", "42", "42", " 42", "positive", "positive", "42"]
+    assert [task.metric([p], [r]) for p, r in zip(preds, refs, strict=True)] == [
+        1.0,
+        1.0,
+        0.0,
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,31 @@ def test_upload_with_calib_texts_searches_q(llama: TestClient, llama_ft: Path) -
     assert llama.delete("/admin/models/ft-cq", headers=AUTH).status_code == 200
 
 
+def test_upload_with_val_examples_searches_q(llama: TestClient, llama_ft: Path) -> None:
+    """Labeled ``val`` lines: q is searched for the best metric on them; bad lines are 422."""
+    val = "\n".join(
+        json.dumps({"text": f"Q: {i} plus {i}?\nA:", "target": str(2 * i)}) for i in range(8)
+    )
+    acc = upload(llama, llama_ft, "ft-lq", method="darex_q", rate=0.9, val=val)
+    job = wait_job(llama, acc["job_id"])
+    assert job["state"] == "done" and " q=" in job["message"], job
+    info = llama.get("/admin/models/ft-lq", headers=AUTH).json()
+    assert info["method"] == "darex_q" and 0.1 - 1e-9 <= info["q"] <= 1.0
+    assert f"q={info['q']:g} by prefix on 8 labeled examples" in info["reason"]
+    assert llama.delete("/admin/models/ft-lq", headers=AUTH).status_code == 200
+    files = multipart_files(llama_ft)
+    for data, match in (
+        ({"val": "\n"}, "no labeled example"),
+        ({"val": '{"text": "a"}'}, "val line 1: give exactly one of 'label' or 'target'"),
+        ({"val": val, "method": "darex_q", "q": "0.2"}, "send either q or val"),
+        ({"val": val, "method": "magnitude"}, "method magnitude takes no q"),
+        ({"val": '{"text": "a", "label": 0}'}, "need a sequence-classification fine-tune, not"),
+    ):
+        r = llama.post("/admin/models", headers=AUTH, data={"model_id": "v", **data}, files=files)
+        assert assert_error(r, 422, match)["param"] == "val"
+    assert llama.get("/admin/models/v", headers=AUTH).status_code == 404  # nothing registered
+
+
 def test_admin_needs_the_token(llama: TestClient, llama_ft: Path) -> None:
     r = llama.get("/admin/jobs/x")
     assert_error(r, 401, "missing")
@@ -174,7 +200,7 @@ def test_pickle_and_bad_fields_are_422(llama: TestClient, llama_ft: Path) -> Non
     r = llama.post("/admin/models", headers=AUTH, data={"model_id": "../x"}, files=files)
     assert_error(r, 422, "..")
     for data, match in (
-        ({"method": "darex_q"}, "required with method darex_q unless calib"),
+        ({"method": "darex_q"}, "required with method darex_q unless val examples or calib"),
         ({"method": "dare", "q": "0.02"}, "only method darex_q"),
         ({"q": "0.02"}, "only method darex_q"),
     ):

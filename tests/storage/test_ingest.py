@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -426,4 +427,35 @@ def test_calibration_texts_choose_darex_q_and_its_q(bert_ft, tiny_bert_dir, stor
     assert m2.q == pytest.approx(m.q)
     for name, e in m.deltas.items():  # scale 1/q on the DARE mask
         assert e.scale == pytest.approx(1.0 / m.q), name
+    assert store.verify().ok
+
+
+def test_labeled_examples_search_q_on_the_stored_mask(bert_ft, tiny_bert_dir, store) -> None:
+    """Labeled ``val`` rows: DAREx-q with q for the best accuracy on them, the same q
+    ``storage.labeled.labeled_q`` finds by hand; a label the fine-tune lacks stores nothing."""
+    from storage.checkpoint import open_checkpoint
+    from storage.labeled import labeled_q, read_labeled
+
+    base = base_of(tiny_bert_dir, store)
+    raw = "\n".join(
+        json.dumps({"text": t, "label": ["neg", "neutral", "pos"][i % 3]})
+        for i, t in enumerate(CALIB)
+    )
+    rows = read_labeled(raw)
+    m = ingest(
+        store, "lq", bert_ft, base, method="darex_q", p=0.99, val=rows, show_progress=False
+    ).manifest
+    assert m.method == "darex_q" and f"by accuracy on {len(CALIB)} labeled examples" in m.reason
+    b, f = open_checkpoint(tiny_bert_dir), open_checkpoint(bert_ft)
+    deltas = {n: f.get(f"bert.{n}") - b.get(n) for n in m.deltas}
+    found = labeled_q(bert_ft, base.path, "encoder", deltas, rows, 0.99)
+    assert found.q == pytest.approx(m.q) and found.score >= found.dare
+    assert f"q={found.q:g}" in m.reason
+    for name, e in m.deltas.items():  # scale 1/q on the DARE mask
+        assert e.scale == pytest.approx(1.0 / m.q), name
+    before = set(store.blobs.iter_keys())
+    bad = read_labeled(raw + '\n{"text": "one more", "label": "positive"}')
+    with pytest.raises(PruningError, match=r"line 17: label 'positive' is not one of"):
+        ingest(store, "lq2", bert_ft, base, method="darex_q", p=0.99, val=bad, show_progress=False)
+    assert set(store.blobs.iter_keys()) == before and "lq2" not in store.registry.list_models()
     assert store.verify().ok

@@ -10,6 +10,7 @@ thread that writes its progress to the registry.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from pathlib import Path
@@ -45,6 +46,34 @@ def _float_field(up: Upload, name: str, lo: float, hi: float) -> float | None:
     if not (lo <= v <= hi) or math.isnan(v):
         raise InvalidRequest(f"{name}: {v} is outside [{lo}, {hi}]", field=name)
     return v
+
+
+def _val_field(up: Upload, method: str | None, q: float | None) -> list[dict] | None:
+    """The labeled examples of the ``val`` field, checked against the uploaded config's
+    labels when it names them; None when the field is absent."""
+    from pruning.errors import PruningError
+    from storage.labeled import (
+        check_kind,
+        check_val_options,
+        label_indices,
+        label_names,
+        read_labeled,
+    )
+
+    if "val" not in up.fields:
+        return None
+    try:
+        check_val_options(method, q)
+        rows = read_labeled(up.fields["val"])
+        cfg_file = up.folder / "config.json"
+        if cfg_file.is_file():  # a full checkpoint (a LoRA adapter is checked in the job)
+            cfg = json.loads(cfg_file.read_text())
+            check_kind(rows, next(iter(cfg.get("architectures") or []), ""))
+            if "label" in rows[0] and cfg.get("id2label"):
+                label_indices(rows, label_names(cfg["id2label"], len(cfg["id2label"])))
+    except (PruningError, ValueError) as e:
+        raise InvalidRequest(str(e), field="val") from None
+    return rows
 
 
 def _checkpoint_path(up: Upload) -> Path:
@@ -111,7 +140,8 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
 async def upload_model(request: Request, state: StateDep, settings: SettingsDep, store: StoreDep):
     """Multipart: files (``*.safetensors`` + ``config.json``, or a PEFT adapter), ``model_id``,
     optional ``method``, ``rate`` (p), ``q``, ``calib`` (texts, one per line: q of DAREx-q
-    searched on them), ``task``, ``replace``."""
+    searched on them), ``val`` (labeled examples, JSON lines: q searched for the best
+    metric on them), ``task``, ``replace``."""
     up = await receive_upload(
         request.headers.get("content-type"),
         request.headers.get("content-length"),
@@ -135,10 +165,12 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
             calib = read_calib_texts(up.fields["calib"])
             if not calib:
                 raise InvalidRequest("calib: no text in it (one sample per line)", field="calib")
-        if method == "darex_q" and q is None and calib is None:
+        val = _val_field(up, method, q)
+        if method == "darex_q" and q is None and calib is None and val is None:
             raise InvalidRequest(
-                "q: required with method darex_q unless calib texts are sent to search it "
-                "on (a number in (0, 1], e.g. the one `darex prune --q outchange` prints)",
+                "q: required with method darex_q unless val examples or calib texts are sent "
+                "to search it on (a number in (0, 1], e.g. the one `darex prune --q outchange` "
+                "prints)",
                 field="q",
             )
         if q is not None and method != "darex_q":
@@ -172,6 +204,7 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         "replace": replace,
         "task": task,
         "calib_texts": calib,
+        "val": val,
     }
     if state.heartbeat is not None:
         state.heartbeat.add(job.id, up.folder)
@@ -202,6 +235,7 @@ async def get_model(model_id: str, store: StoreDep) -> ModelPublic:
         method=m.method,
         p=m.p,
         q=m.q,
+        reason=m.reason,
         stored_bytes=m.stored_bytes(),
         fp16_bytes=m.fp16_bytes or None,
         ratio_vs_fp16=m.ratio if m.fp16_bytes else None,
