@@ -108,6 +108,8 @@ def add(
         f"q={f'{m.q:.4g}' if isinstance(m.q, float) else m.q}, "
         f"{_size(m.stored_bytes())} = 1/{1 / m.ratio:.1f} of fp16, {res.seconds:.1f}s"
     )
+    if m.reason and m.reason != "given":
+        console.print(f"why: {m.reason}")
 
 
 @app.command("ls")
