@@ -23,7 +23,7 @@ from server.errors import InvalidRequest, PayloadTooLarge
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_FIELD_BYTES = 4096
-FIELD_LIMITS = {"calib": 64 * 1024}  # calibration texts, one per line
+FIELD_LIMITS = {"calib": 64 * 1024, "val": 1 << 20}  # calibration texts; labeled JSON lines
 MAX_PARTS = 64
 
 

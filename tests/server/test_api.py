@@ -124,15 +124,18 @@ def test_upload_with_calib_texts_searches_q(llama: TestClient, llama_ft: Path) -
 
 def test_upload_with_val_examples_searches_q(llama: TestClient, llama_ft: Path) -> None:
     """Labeled ``val`` lines: q is searched for the best metric on them; bad lines are 422."""
+    filler = "a longer question, to send more than the 4 KiB of a plain field " * 2
     val = "\n".join(
-        json.dumps({"text": f"Q: {i} plus {i}?\nA:", "target": str(2 * i)}) for i in range(8)
+        json.dumps({"text": f"Q: {filler}{i} plus {i}?\nA:", "target": str(2 * i)})
+        for i in range(40)
     )
+    assert len(val) > 4096
     acc = upload(llama, llama_ft, "ft-lq", method="darex_q", rate=0.9, val=val)
     job = wait_job(llama, acc["job_id"])
     assert job["state"] == "done" and " q=" in job["message"], job
     info = llama.get("/admin/models/ft-lq", headers=AUTH).json()
     assert info["method"] == "darex_q" and 0.1 - 1e-9 <= info["q"] <= 1.0
-    assert f"q={info['q']:g} by prefix on 8 labeled examples" in info["reason"]
+    assert f"q={info['q']:g} by prefix on 40 labeled examples" in info["reason"]
     assert llama.delete("/admin/models/ft-lq", headers=AUTH).status_code == 200
     files = multipart_files(llama_ft)
     for data, match in (
