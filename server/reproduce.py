@@ -369,16 +369,17 @@ def _rescale(sd, factor: float):
     return replace(sd, values=sd.values.float() * factor, scale=sd.scale * factor)
 
 
-def _pick(stats: DeltaStats, spec: str, p: float) -> tuple[str, str]:
-    """``recommend()``'s method for a setting of the grid (labels and calibration at hand)."""
-    rec = recommend(stats, has_labels=True, is_lora=spec == "lora", has_calib=True, p=p)
+def _pick(stats: DeltaStats, spec: str, p: float, has_labels: bool = True) -> tuple[str, str]:
+    """``recommend()``'s method for a setting of the grid (calibration texts at hand, and
+    labels unless ``has_labels`` is False)."""
+    rec = recommend(stats, has_labels=has_labels, is_lora=spec == "lora", has_calib=True, p=p)
     method = rec.method.value
     if method == "darex_q":
         method = f"darex_q/{rec.params.get('q_method') or 'labeled'}"
     return method, rec.reason
 
 
-def pick_from_reference(ref: Row, spec: str, p: float) -> str | None:
+def pick_from_reference(ref: Row, spec: str, p: float, has_labels: bool = True) -> str | None:
     """The pick of ``recommend()`` as the code is now, from the statistics the unpruned
     row recorded (rms, spread, base rms, density), so a changed rule is scored on the
     results at hand without rerunning them. None when the row lacks them. Rows written
@@ -398,7 +399,7 @@ def pick_from_reference(ref: Row, spec: str, p: float) -> str | None:
         base_rms=e.get("base_rms"),
         size=size,
     )
-    return _pick(stats, spec, p)[0]
+    return _pick(stats, spec, p, has_labels)[0]
 
 
 def recommend_row(st: Setting, p: float) -> Row:

@@ -211,21 +211,32 @@ def test_outchange_q_is_scored_on_the_masks_the_grid_evaluates(work, monkeypatch
 
 def test_recommend_hit_rate_counts_only_the_fitted_cells_in_sample() -> None:
     """The SmolLM2/arith adam-large cells at 0.9 and 0.99 set the threshold; the same
-    setting at a rate run later (0.5) is a held-out cell, and so is any other setting."""
+    setting at a rate run later (0.5) is a held-out cell, and so is any other setting.
+    Both policies are scored from the unpruned row's statistics: with labels the labeled
+    search, with texts only the rule (a small delta here: DARE)."""
 
-    def cells(task: str, spec: str, p: float, dare: float, mag: float) -> list[rp.Row]:
-        mk = lambda m, mean: rp.Row("smollm2-135m", task, spec, m, p, mean, 0.0, [0], [mean])  # noqa: E731
-        return [mk("dare", dare), mk("magnitude", mag), mk("recommend", float("nan"))]
+    def cells(p: float, dare: float, mag: float, lab: float) -> list[rp.Row]:
+        def mk(m: str, mean: float) -> rp.Row:
+            return rp.Row("smollm2-135m", "arith", "adam-large", m, p, mean, 0.0, [0], [mean])
+
+        return [
+            mk("dare", dare),
+            mk("magnitude", mag),
+            mk("darex_q/labeled", lab),
+            mk("recommend", float("nan")),
+        ]
 
     ref = rp.Row("smollm2-135m", "arith", "adam-large", "unpruned", 0.0, 0.9, 0.0, [], [0.9])
-    rows = [
-        ref,
-        *cells("arith", "adam-large", 0.9, 0.8, 0.5),
-        *cells("arith", "adam-large", 0.5, 0.8, 0.85),
-    ]
-    for r in rows:
-        if r.method == "recommend":
-            r.extra = {"pick": "dare"}
+    ref.extra = {"rms": 1e-4, "spread": 0.76, "base_rms": 0.05}  # noise ratio 0.02 at 0.99
+    rows = [ref, *cells(0.9, 0.8, 0.5, 0.795), *cells(0.5, 0.8, 0.85, 0.82)]
     hits = rr.recommend_hits(rows)
-    assert hits.fit == (1, 1)  # p = 0.9: dare picked and best
-    assert hits.held_out == (0, 1)  # p = 0.5: magnitude beat the pick by 5 points
+    texts, labels = hits.policies["texts"], hits.policies["labels"]
+    assert texts.fit == (1, 1)  # p = 0.9: dare picked and best
+    assert texts.held_out == (0, 1)  # p = 0.5: magnitude beat the pick by 5 points
+    assert labels.fit == (1, 1) and labels.held_out == (0, 1)  # 0.5 below, then 3 below
+    assert labels.shortfall == pytest.approx((0.5 + 3.0) / 2)
+    assert texts.shortfall == pytest.approx((0.0 + 5.0) / 2)
+    assert any(
+        "| arith/adam-large | 0.5 | magnitude 85.0 | darex_q/labeled 82.0 | no |" in ln
+        for ln in hits.lines
+    )

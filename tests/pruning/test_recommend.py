@@ -24,39 +24,58 @@ def test_delta_stats_and_merge() -> None:
     assert delta_stats(a[:10], base=w).base_rms == pytest.approx(0.1)
 
 
-def test_small_delta_takes_dare_even_with_labels() -> None:
+def test_small_delta_takes_dare_unless_labels_can_check_it() -> None:
     s = delta_stats(_gauss(8e-4))  # noise ratio 0.16 at p = 0.99
     assert s.noise_ratio(0.99) < 0.2
-    rec = recommend(s, has_labels=True, is_lora=False)
+    rec = recommend(s, has_labels=False, is_lora=False, has_calib=True)
     assert rec.method is Method.dare and rec.params["p"] == 0.99 and rec.params["q"] is None
     assert "small" in rec.reason
+    # with labels the q search starts at 1-p (DARE itself) and keeps DARE if nothing beats it
+    rec = recommend(s, has_labels=True, is_lora=False)
+    assert rec.method is Method.darex_q and rec.params["q_method"] == "labeled"
+    assert rec.params["q"] is None and "labels at hand" in rec.reason
+
+
+def test_labels_take_the_labeled_search_whatever_the_delta() -> None:
+    """The grid's held-out cells: always searching q on labels beat the statistics rule."""
+    spiky = _gauss(2e-4)
+    spiky[::500] = 0.2
+    for d in (_gauss(8e-4), _gauss(6e-3), _gauss(3e-2), spiky):
+        for p in (0.5, 0.9, 0.99, 0.999):
+            rec = recommend(delta_stats(d), has_labels=True, is_lora=False, p=p)
+            assert rec.method is Method.darex_q and rec.params["q_method"] == "labeled"
+    sparse = torch.zeros(20_000)
+    sparse[::500] = 0.02  # all the fine-tune changed fits in 1-p: magnitude keeps it exactly
+    assert recommend(delta_stats(sparse), has_labels=True, is_lora=False).method is Method.magnitude
 
 
 def test_delta_dare_lost_on_in_the_grid_takes_darex_q() -> None:
     """rms 2e-3 (noise ratio 0.4 at p = 0.99): where the grid had DARE 2-21 points behind."""
     s = delta_stats(_gauss(2e-3))
     assert 0.2 < s.noise_ratio(0.99) < 0.5
-    rec = recommend(s, has_labels=True, is_lora=False)
-    assert rec.method is Method.darex_q and rec.params["q_method"] == "labeled"
+    rec = recommend(s, has_labels=False, is_lora=False, has_calib=True)
+    assert rec.method is Method.darex_q and rec.params["q_method"] == "outchange"
     assert "moderate" in rec.reason
-    assert recommend(s, has_labels=True, is_lora=False, p=0.9).method is Method.dare
+    assert recommend(s, has_labels=False, is_lora=False, p=0.9, has_calib=True).method is (
+        Method.dare
+    )
 
 
 def test_moderate_delta_takes_darex_q_when_q_can_be_chosen() -> None:
     s = delta_stats(_gauss(6e-3))
-    rec = recommend(s, has_labels=True, is_lora=False)
-    assert rec.method is Method.darex_q and rec.params["q_method"] == "labeled"
     rec = recommend(s, has_labels=False, is_lora=False, has_calib=True)
     assert rec.method is Method.darex_q and rec.params["q_method"] == "outchange"
     rec = recommend(s, has_labels=False, is_lora=False)
     assert rec.method is Method.dare and "no labels" in rec.reason
     # a lower rate makes the same delta small
-    assert recommend(s, has_labels=True, is_lora=False, p=0.5).method is Method.dare
+    assert recommend(s, has_labels=False, is_lora=False, p=0.5, has_calib=True).method is (
+        Method.dare
+    )
 
 
 def test_large_or_heavy_tailed_delta_takes_an_importance_method() -> None:
     big = delta_stats(_gauss(3e-2))
-    assert recommend(big, has_labels=True, is_lora=False).method is Method.magnitude
+    assert recommend(big, has_labels=False, is_lora=False).method is Method.magnitude
     rec = recommend(big, has_labels=False, is_lora=False, has_calib=True)
     assert rec.method is Method.wanda and "large" in rec.reason
     spiky = _gauss(2e-4)
@@ -68,7 +87,7 @@ def test_large_or_heavy_tailed_delta_takes_an_importance_method() -> None:
     sparse[::500] = 0.02  # the fine-tune touched 0.2% of the entries
     s = delta_stats(sparse)
     assert s.numel == 40 and s.density == pytest.approx(0.002)
-    rec = recommend(s, has_labels=True, is_lora=False)
+    rec = recommend(s, has_labels=False, is_lora=False, has_calib=True)
     assert rec.method is Method.magnitude and "exactly" in rec.reason
     # the base's own scale decides: the same delta is small next to big weights
     s_base = delta_stats(_gauss(3e-2), base=torch.full((10,), 2.0))
@@ -92,6 +111,6 @@ def test_untouched_entries_do_not_dilute_the_statistics() -> None:
     for field in ("numel", "mean_abs", "std_abs", "rms", "max_abs"):
         assert getattr(sp, field) == pytest.approx(getattr(s, field), rel=1e-12), field
     assert sp.density == pytest.approx(0.25)
-    assert recommend(sp, has_labels=True, is_lora=False).method is Method.darex_q
+    assert recommend(sp, has_labels=False, is_lora=False, has_calib=True).method is (Method.darex_q)
     base = torch.cat([torch.full_like(d, 0.05), torch.full((3 * d.numel(),), 9.0)])
     assert delta_stats(padded, base=base).base_rms == pytest.approx(0.05)
