@@ -35,6 +35,7 @@ from storage.tasks import Example, Task
 
 MAX_EXAMPLES = 1000  # the first 1,000 lines: every q tried evaluates all of them
 BATCH = 16
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 FORMAT = (
     'JSON lines: {"text": ..., "label": NAME_OR_INDEX} (classification) '
     'or {"text": ..., "target": ...} (generation)'
@@ -216,9 +217,6 @@ def _load(finetuned: Path, base_path: Path, arch: str, lora: bool) -> tuple[Any,
     return model, tok
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-
-
 @torch.no_grad()
 def labeled_q(
     finetuned: Path,
@@ -244,7 +242,7 @@ def labeled_q(
     own = dict(model.named_parameters())
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
     base_ckpt = open_checkpoint(base_path)
-    entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, str]] = []  # W, base, d
     for name, d in deltas.items():
         key = next((k for k in (name, prefix + name, name.removeprefix(prefix)) if k in own), None)
         if key is not None and own[key].shape == d.shape:
