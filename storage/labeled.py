@@ -250,7 +250,7 @@ def labeled_q(
     if not entries:
         raise PruningError("no pruned tensor is a parameter of the fine-tuned model")
     masks = {name: dare_indices(seed, name, p, d.numel()) for _, _, d, name in entries}
-    exs = task.validation
+    exs = sorted(task.validation, key=lambda e: len(e.text))  # less padding per batch
 
     def metric(factor: float | None) -> float:
         """The metric with ``W = W_base + factor * mask * d`` (None: ``W_base + d``)."""
