@@ -162,6 +162,18 @@ def label_indices(
     return out
 
 
+def check_against_config(rows: Sequence[Mapping[str, Any]], folder: Path) -> None:
+    """Before any job: the rows' kind and label names against a full checkpoint's
+    ``config.json``; a folder without one (a LoRA adapter) is checked when it loads."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        return
+    cfg = json.loads(cfg_file.read_text())
+    check_kind(rows, next(iter(cfg.get("architectures") or []), ""))
+    if "label" in rows[0] and cfg.get("id2label"):
+        label_indices(rows, label_names(cfg["id2label"], len(cfg["id2label"])))
+
+
 def check_kind(rows: Sequence[Mapping[str, Any]], architecture: str, source: str = "val") -> None:
     """'label' lines go with a sequence classifier, 'target' lines with anything else."""
     classifier = architecture.endswith("ForSequenceClassification")

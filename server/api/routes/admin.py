@@ -10,7 +10,6 @@ thread that writes its progress to the registry.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from pathlib import Path
@@ -52,25 +51,14 @@ def _val_field(up: Upload, method: str | None, q: float | None) -> list[dict] | 
     """The labeled examples of the ``val`` field, checked against the uploaded config's
     labels when it names them; None when the field is absent."""
     from pruning.errors import PruningError
-    from storage.labeled import (
-        check_kind,
-        check_val_options,
-        label_indices,
-        label_names,
-        read_labeled,
-    )
+    from storage.labeled import check_against_config, check_val_options, read_labeled
 
     if "val" not in up.fields:
         return None
     try:
         check_val_options(method, q)
         rows = read_labeled(up.fields["val"])
-        cfg_file = up.folder / "config.json"
-        if cfg_file.is_file():  # a full checkpoint (a LoRA adapter is checked in the job)
-            cfg = json.loads(cfg_file.read_text())
-            check_kind(rows, next(iter(cfg.get("architectures") or []), ""))
-            if "label" in rows[0] and cfg.get("id2label"):
-                label_indices(rows, label_names(cfg["id2label"], len(cfg["id2label"])))
+        check_against_config(rows, up.folder)
     except (PruningError, ValueError) as e:
         raise InvalidRequest(str(e), field="val") from None
     return rows
