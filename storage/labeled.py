@@ -1,10 +1,10 @@
 """DAREx-q's q from labeled examples: the paper's grid search on a validation set.
 
-Used by ``darex prune --q labeled --val FILE``, ``darex store add --val FILE`` and the
+Used by ``darex prune --q labeled --val FILE``, ``darex add --val FILE`` and the
 upload's ``val`` field. The examples are JSON lines, one per line:
 
 - ``{"text": "a warm, funny film", "label": "positive"}`` for a classification
-  fine-tune (``label`` is a name from its config's ``label2id`` or an index);
+  fine-tune (``label`` is a name from its config's ``id2label``, or an index);
 - ``{"text": "Q: 3 plus 4?\\nA:", "target": "7"}`` for a decoder: the greedy
   continuation of ``text`` must begin with ``target`` (``Task`` metric ``prefix``).
 
@@ -13,7 +13,9 @@ head comes with it; a decoder LoRA adapter is applied to the base), every pruned
 tensor gets the DARE mask that is stored for the same seed (masks are keyed by the
 base's tensor names), and ``pruning.q.search_q_global`` scans q from 1-p (plain DARE)
 upward for the best metric, then a 4x finer grid around it. In the reproduction grid
-(docs/results/reproduce.md) this is the choice that came closest to the best method.
+(docs/results/reproduce.md) always choosing DAREx-q this way came within a point of
+the best method in more held-out cells than the rule on delta statistics (83 of 124
+against 76), which is why ``pruning.recommend`` takes it whenever labels are given.
 """
 
 from __future__ import annotations
