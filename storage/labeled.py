@@ -14,8 +14,8 @@ tensor gets the DARE mask that is stored for the same seed (masks are keyed by t
 base's tensor names), and ``pruning.q.search_q_global`` scans q from 1-p (plain DARE)
 upward for the best metric, then a 4x finer grid around it. In the reproduction grid
 (docs/results/reproduce.md) always choosing DAREx-q this way came within a point of
-the best method in more held-out cells than the rule on delta statistics (83 of 124
-against 76), which is why ``pruning.recommend`` takes it whenever labels are given.
+the best method in more held-out cells than the rule on delta statistics (82 of 124
+against 75), which is why ``pruning.recommend`` takes it whenever labels are given.
 """
 
 from __future__ import annotations
