@@ -157,6 +157,11 @@ def _recommend(
     return str(getattr(rec.method, "value", rec.method)), rec.params.get("q"), rec.reason
 
 
+def _selected_deltas(source: Source, selector: Selector) -> dict[str, torch.Tensor]:
+    """The deltas of the tensors that are pruned (what a q search scores), by base name."""
+    return {n: read() for n, read in source.deltas.items() if selector.matches(n)}
+
+
 def _search_q(
     source: Source,
     selector: Selector,
@@ -168,7 +173,7 @@ def _search_q(
 ) -> float:
     from storage.qsearch import outchange_q
 
-    deltas = {n: read() for n, read in source.deltas.items() if selector.matches(n)}
+    deltas = _selected_deltas(source, selector)
     with tqdm(desc="q search", unit="q", disable=not show_progress) as bar:
         return outchange_q(base.path, base.arch, deltas, texts, p, seed=seed, on_step=bar.update)
 
@@ -187,7 +192,7 @@ def _search_q_labeled(
     from storage.labeled import labeled_q
 
     folder = Path(path[0]).parent if isinstance(path, (list, tuple)) else Path(path)
-    deltas = {n: read() for n, read in source.deltas.items() if selector.matches(n)}
+    deltas = _selected_deltas(source, selector)
     with tqdm(desc="q search (labeled)", unit="q", disable=not show_progress) as bar:
         return labeled_q(
             folder, base.path, base.arch, deltas, rows, p, seed=seed, lora=lora, on_step=bar.update

@@ -33,6 +33,7 @@ from pruning.methods import dare_indices
 from pruning.q import search_q_global
 from storage.checkpoint import open_checkpoint
 from storage.predict import predict, reference
+from storage.qsearch import parameter_for
 from storage.tasks import Example, Task
 
 MAX_EXAMPLES = 1000  # the first 1,000 lines: every q tried evaluates all of them
@@ -258,8 +259,8 @@ def labeled_q(
     base_ckpt = open_checkpoint(base_path)
     entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, str]] = []  # W, base, d
     for name, d in deltas.items():
-        key = next((k for k in (name, prefix + name, name.removeprefix(prefix)) if k in own), None)
-        if key is not None and own[key].shape == d.shape:
+        key = parameter_for(own, name, d.shape, prefix)
+        if key is not None:
             entries.append((own[key], base_ckpt.get(name).float(), d.float(), name))
     if not entries:
         raise PruningError("no pruned tensor is a parameter of the fine-tuned model")

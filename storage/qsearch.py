@@ -41,6 +41,16 @@ def read_calib_texts(raw: str) -> list[str]:
     return texts
 
 
+def parameter_for(
+    own: Mapping[str, torch.Tensor], name: str, shape: torch.Size, prefix: str
+) -> str | None:
+    """The model parameter a base tensor ``name`` is: the name as is, with the model's
+    ``base_model_prefix`` added (a head model over the base) or removed; None when no
+    parameter of that shape has one of those names."""
+    key = next((k for k in (name, prefix + name, name.removeprefix(prefix)) if k in own), None)
+    return key if key is not None and own[key].shape == shape else None
+
+
 @torch.no_grad()
 def outchange_q(
     base_path: Path,
@@ -69,8 +79,8 @@ def outchange_q(
     mapped: dict[str, torch.Tensor] = {}
     mask_names: dict[str, str] = {}
     for name, d in deltas.items():
-        key = next((k for k in (name, name.removeprefix(prefix)) if k in own), None)
-        if key is None or own[key].shape != d.shape or key in mapped:
+        key = parameter_for(own, name, d.shape, prefix)
+        if key is None or key in mapped:
             continue
         own[key].add_(d.to(own[key].dtype))  # the fine-tune: base + delta
         mapped[key], mask_names[key] = d, name
