@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.reproduce import METHODS, RATES, Row, pick_from_reference
+from server.reproduce import METHODS, RATES, VAL_SCORED, Row, pick_from_reference
 from server.training import RESULT_FILE
 
 
@@ -128,6 +128,21 @@ THRESHOLD_FIT: dict[tuple[str, str, str], tuple[float, ...]] = {
 POLICIES = {"labels": True, "texts": False}  # has_labels; calibration texts in both
 
 
+def compare_pick(cells: dict[tuple[str, float], Row], p: float, labeled_pick: str) -> str | None:
+    """What a labeled ingest picks by comparing the candidates on the labeled examples
+    (``storage.labeled.labeled_choice``): the best validation metric of VAL_SCORED (the
+    searched DAREx-q, magnitude, WANDA), ties to the earlier one. Where the rule names
+    magnitude (the fine-tune changed at most 1-p of the entries) that stands. None where
+    a candidate did not record its validation metric."""
+    if labeled_pick != "darex_q/labeled":
+        return labeled_pick
+    cands = [cells.get((m, p)) for m in VAL_SCORED]
+    if any(r is None or "val" not in r.extra for r in cands):
+        return None
+    best = max(cands, key=lambda r: r.extra["val"])  # type: ignore[union-attr]
+    return best.method  # type: ignore[union-attr]
+
+
 @dataclass
 class PolicyHits:
     """One policy's score: (hits, cells) in the cells the thresholds were read off and in
@@ -146,6 +161,10 @@ class PolicyHits:
 class Hits:
     lines: list[str]
     policies: dict[str, PolicyHits]
+    # comparing on the labeled examples vs the labeled policy, on the cells where every
+    # candidate recorded its validation metric: (hits, cells, mean shortfall) of each
+    compared: tuple[int, int, float] = (0, 0, 0.0)
+    labels_there: tuple[int, int, float] = (0, 0, 0.0)
 
 
 def recommend_hits(rows: Sequence[Row], tol: float = 0.01) -> Hits:
@@ -153,11 +172,13 @@ def recommend_hits(rows: Sequence[Row], tol: float = 0.01) -> Hits:
     delta statistics), with labels and with calibration texts only, against the best
     method of the cell; a hit is within ``tol``. Cells whose pick did not run are skipped."""
     lines = [
-        "| setting | p | best | with labels | hit | texts only | hit | held out |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | p | best | with labels | hit | texts only | hit | held out "
+        "| compared on labels | hit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     counts = {(k, held): [0, 0] for k in POLICIES for held in (False, True)}
     short = dict.fromkeys(POLICIES, 0.0)
+    paired = {"compare": [0, 0, 0.0], "labels": [0, 0, 0.0]}
     for key, rs in groups(rows).items():
         cells = {(r.method, r.p): r for r in rs}
         ref = cells.get(("unpruned", 0.0))
@@ -179,13 +200,30 @@ def recommend_hits(rows: Sequence[Row], tol: float = 0.01) -> Hits:
                 counts[(name, held)][1] += 1
                 short[name] += best[1] - cell.mean
                 row += f" {pick} {100 * cell.mean:.1f} | {'yes' if hit else 'no'} |"
-            lines.append(row + f" {'yes' if held else ''} |")
+            row += f" {'yes' if held else ''} |"
+            lab_pick, lab_cell = got["labels"]
+            cmp = compare_pick(cells, r.p, lab_pick)  # type: ignore[arg-type]
+            if cmp is None:
+                lines.append(row + " - | |")
+                continue
+            for name, cell in (("compare", cells[(cmp, r.p)]), ("labels", lab_cell)):
+                paired[name][0] += cell.mean >= best[1] - tol
+                paired[name][1] += 1
+                paired[name][2] += best[1] - cell.mean
+            hit = cells[(cmp, r.p)].mean >= best[1] - tol
+            lines.append(
+                row + f" {cmp} {100 * cells[(cmp, r.p)].mean:.1f} | {'yes' if hit else 'no'} |"
+            )
     policies = {}
     for name in POLICIES:
         fit, held = tuple(counts[(name, False)]), tuple(counts[(name, True)])
         n = fit[1] + held[1]
         policies[name] = PolicyHits(fit, held, 100 * short[name] / n if n else 0.0)  # type: ignore[arg-type]
-    return Hits(lines, policies)
+    compared, labels_there = (
+        (int(h), int(n), 100 * sh / n if n else 0.0)
+        for h, n, sh in (paired["compare"], paired["labels"])
+    )
+    return Hits(lines, policies, compared, labels_there)
 
 
 def plot_rates(rows: list[Row], path: Path, title: str) -> None:
@@ -286,6 +324,14 @@ def tables_markdown(
                 f"- {what}: {h.total[0]}/{h.total[1]}; held out {h.held_out[0]}/"
                 f"{h.held_out[1]}, in-sample {h.fit[0]}/{h.fit[1]}; "
                 f"{h.shortfall:.1f} points below the best on average."
+            )
+        if hits.compared[1]:
+            (ch, n, cs), (lh, _, ls) = hits.compared, hits.labels_there
+            lines.append(
+                f"- With labels, comparing the searched DAREx-q, magnitude and WANDA on them "
+                f"(best validation metric, ties to DAREx-q): {ch}/{n}, {cs:.1f} points below "
+                f"the best on average; the labeled search alone on the same {n} cells: "
+                f"{lh}/{n}, {ls:.1f}."
             )
         lines += [
             "",

@@ -35,7 +35,7 @@ from storage.modelid import validate_model_id
 from storage.store import DeltaStore
 
 if TYPE_CHECKING:
-    from storage.labeled import LabeledQ
+    from storage.labeled import LabeledChoice, LabeledQ
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +188,17 @@ def _search_q_labeled(
     p: float,
     seed: int,
     show_progress: bool,
-) -> LabeledQ:
-    from storage.labeled import labeled_q
+    compare: bool,
+) -> LabeledQ | LabeledChoice:
+    """q searched on the labeled rows; with ``compare`` also magnitude and WANDA scored
+    on them, and the best of the three (``storage.labeled.labeled_choice``)."""
+    from storage.labeled import labeled_choice, labeled_q
 
     folder = Path(path[0]).parent if isinstance(path, (list, tuple)) else Path(path)
     deltas = _selected_deltas(source, selector)
-    with tqdm(desc="q search (labeled)", unit="q", disable=not show_progress) as bar:
-        return labeled_q(
+    run = labeled_choice if compare else labeled_q
+    with tqdm(desc="q search (labeled)", unit="eval", disable=not show_progress) as bar:
+        return run(
             folder, base.path, base.arch, deltas, rows, p, seed=seed, lora=lora, on_step=bar.update
         )
 
@@ -287,6 +291,7 @@ def ingest(
     selector = selector or default_patterns(base.arch)
     rate = DEFAULT_RATE if p is None else float(p)
     reason = "given"
+    chosen = method is None
     if method is None:
         report(0.02, "choosing a method")
         method, rec_q, reason = _recommend(
@@ -294,12 +299,18 @@ def ingest(
         )
         q = q if q is not None else rec_q
     if method == "darex_q" and q is None and val:
+        # A recommended DAREx-q is compared with magnitude and WANDA on the examples
+        # (docs/results/reproduce.md scores that choice); a requested one only gets its q.
         report(0.03, "searching q on the labeled examples")
         found = _search_q_labeled(
-            source, selector, base, path, lora, val, rate, seed, show_progress
+            source, selector, base, path, lora, val, rate, seed, show_progress, chosen
         )
         q = found.q
         reason += f"; {found.summary()}"
+        from storage.labeled import LabeledChoice
+
+        if isinstance(found, LabeledChoice) and found.method != "darex_q":
+            method, col_norms = found.method, found.col_norms
     elif method == "darex_q" and q is None:
         report(0.03, "searching q on the calibration texts")
         q = _search_q(source, selector, base, calib_texts or [], rate, seed, show_progress)
@@ -327,9 +338,11 @@ def ingest(
         elif selector.matches(name):
             tq = q.get(name) if isinstance(q, dict) else q
             cn = (col_norms or {}).get(name)
-            blob, scale, enc = _encode_pruned(
-                d, name, method, rate, tq, seed, encoding, value_dtype, cn
-            )
+            # WANDA weighs a linear weight's inputs; the rest (embeddings, norms, biases)
+            # take magnitude, as in ``darex prune``
+            fallback = method == "wanda" and col_norms is not None and (cn is None or d.dim() != 2)
+            m = "magnitude" if fallback else method
+            blob, scale, enc = _encode_pruned(d, name, m, rate, tq, seed, encoding, value_dtype, cn)
             key = store.blobs.put(blob)
             h, _ = codec.read_header(blob)
             deltas[name] = TensorEntry(

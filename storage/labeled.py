@@ -232,6 +232,110 @@ def _load(finetuned: Path, base_path: Path, arch: str, lora: bool) -> tuple[Any,
     return model, tok
 
 
+class _Bench:
+    """The fine-tuned model loaded once, with the pruned tensors it holds (their base
+    weights and deltas, by base name) and the examples to score on."""
+
+    def __init__(
+        self,
+        finetuned: Path,
+        base_path: Path,
+        arch: str,
+        deltas: Mapping[str, torch.Tensor],
+        rows: Sequence[Mapping[str, Any]],
+        lora: bool,
+        max_length: int,
+        source: str,
+    ) -> None:
+        self.model, self.tok = _load(Path(finetuned), Path(base_path), arch, lora)
+        self.task = _task(rows, self.model, self.tok, source)
+        self.max_length = max_length
+        own = dict(self.model.named_parameters())
+        prefix = f"{getattr(self.model, 'base_model_prefix', '')}."
+        base_ckpt = open_checkpoint(base_path)
+        # (parameter name in the model, base tensor name) -> (parameter, base weight, delta)
+        self.entries: dict[tuple[str, str], tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]
+        self.entries = {}
+        for name, d in deltas.items():
+            key = parameter_for(own, name, d.shape, prefix)
+            if key is not None:
+                self.entries[(key, name)] = (own[key], base_ckpt.get(name).float(), d.float())
+        if not self.entries:
+            raise PruningError("no pruned tensor is a parameter of the fine-tuned model")
+        self.exs = sorted(self.task.validation, key=lambda e: len(e.text))  # less padding
+
+    @torch.no_grad()
+    def set(self, kept: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """``W = W_base + d`` (``kept`` None), or only the kept entries of each delta,
+        ``kept[name] = (indices, values)``."""
+        for (_, name), (prm, base, d) in self.entries.items():
+            w = base.clone()
+            if kept is None:
+                w.add_(d)
+            else:
+                idx, vals = kept[name]
+                w.view(-1).index_add_(0, idx, vals.float())
+            prm.copy_(w)
+
+    @torch.no_grad()
+    def metric(self, kept: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None) -> float:
+        """The metric on the examples with the weights ``set(kept)`` gives."""
+        self.set(kept)
+        preds = predict(
+            self.model, self.tok, self.task, self.exs, batch_size=BATCH, max_length=self.max_length
+        )
+        return self.task.metric(preds, [reference(self.task, e) for e in self.exs])
+
+    def search_q(self, p: float, seed: int, on_step: Callable[[], None] | None) -> LabeledQ:
+        masks = {
+            name: dare_indices(seed, name, p, d.numel())
+            for (_, name), (_, _, d) in self.entries.items()
+        }
+        deltas = {name: d.view(-1) for (_, name), (_, _, d) in self.entries.items()}
+        unpruned = self.metric(None)
+
+        def score(q: float) -> float:
+            if on_step is not None:
+                on_step()
+            factor = 1.0 / q
+            return self.metric({n: (idx, deltas[n][idx] * factor) for n, idx in masks.items()})
+
+        found = search_q_global(score, p, refine=4)
+        return LabeledQ(
+            found.q,
+            found.score,
+            dict(found.tried)[round(1.0 - p, 12)],
+            unpruned,
+            len(self.exs),
+            self.task.metric_name,
+            found.tried,
+        )
+
+    @torch.no_grad()
+    def col_norms(self) -> dict[str, torch.Tensor]:
+        """WANDA's input-column norms of each pruned linear weight, by base name, on the
+        examples' texts through the fine-tuned model."""
+        from pruning.calib import capture
+
+        self.set(None)  # the fine-tune's own weights
+        texts = [e.text for e in self.exs]
+        batches = [
+            dict(
+                self.tok(
+                    texts[i : i + BATCH],
+                    truncation=True,
+                    max_length=self.max_length,
+                    padding=True,
+                    return_tensors="pt",
+                )
+            )
+            for i in range(0, len(texts), BATCH)
+        ]
+        keys = {key: name for key, name in self.entries}
+        stats = capture(self.model, batches, names=list(keys))
+        return {keys[k]: s.col_norm for k, s in stats.items()}
+
+
 @torch.no_grad()
 def labeled_q(
     finetuned: Path,
@@ -252,48 +356,72 @@ def labeled_q(
     ``deltas`` are the pruned tensors' deltas keyed by the base's tensor names, as
     ingest and ``darex prune`` hold them; the other tensors keep the fine-tune's values.
     """
-    model, tok = _load(Path(finetuned), Path(base_path), arch, lora)
-    task = _task(rows, model, tok, source)
-    own = dict(model.named_parameters())
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    base_ckpt = open_checkpoint(base_path)
-    entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, str]] = []  # W, base, d
-    for name, d in deltas.items():
-        key = parameter_for(own, name, d.shape, prefix)
-        if key is not None:
-            entries.append((own[key], base_ckpt.get(name).float(), d.float(), name))
-    if not entries:
-        raise PruningError("no pruned tensor is a parameter of the fine-tuned model")
-    masks = {name: dare_indices(seed, name, p, d.numel()) for _, _, d, name in entries}
-    exs = sorted(task.validation, key=lambda e: len(e.text))  # less padding per batch
+    bench = _Bench(finetuned, base_path, arch, deltas, rows, lora, max_length, source)
+    return bench.search_q(p, seed, on_step)
 
-    def metric(factor: float | None) -> float:
-        """The metric with ``W = W_base + factor * mask * d`` (None: ``W_base + d``)."""
-        for prm, base, d, name in entries:
-            w = base.clone()
-            if factor is None:
-                w.add_(d)
-            else:
-                idx = masks[name]
-                w.view(-1).index_add_(0, idx, d.view(-1)[idx] * factor)
-            prm.copy_(w)
-        preds = predict(model, tok, task, exs, batch_size=BATCH, max_length=max_length)
-        return task.metric(preds, [reference(task, e) for e in exs])
 
-    unpruned = metric(None)
+# The candidates a labeled choice compares, in the order ties go: DAREx-q first (its
+# mask is a seed, so it is stored in the fewest bytes).
+CANDIDATES = ("darex_q", "magnitude", "wanda")
 
-    def score(q: float) -> float:
+
+@dataclass(frozen=True)
+class LabeledChoice:
+    """The method with the best metric on the labeled examples, each candidate's metric,
+    the q search, and WANDA's column norms (by base name) when WANDA is chosen."""
+
+    method: str
+    scores: dict[str, float]
+    search: LabeledQ
+    col_norms: dict[str, torch.Tensor] | None = None
+
+    @property
+    def q(self) -> float | None:
+        return self.search.q if self.method == "darex_q" else None
+
+    def summary(self) -> str:
+        others = ", ".join(f"{m} {100 * v:.1f}" for m, v in self.scores.items() if m != "darex_q")
+        return f"{self.search.summary()}; {others}; chose {self.method}"
+
+
+@torch.no_grad()
+def labeled_choice(
+    finetuned: Path,
+    base_path: Path,
+    arch: str,
+    deltas: Mapping[str, torch.Tensor],
+    rows: Sequence[Mapping[str, Any]],
+    p: float,
+    *,
+    seed: int = 0,
+    lora: bool = False,
+    max_length: int = 128,
+    source: str = "val",
+    on_step: Callable[[], None] | None = None,
+) -> LabeledChoice:
+    """DAREx-q with q searched on ``rows``, magnitude and WANDA, each scored on ``rows``
+    at rate p; the best one (ties in ``CANDIDATES`` order). WANDA weighs each linear
+    weight's delta by its input columns' norms on the rows' texts; a tensor with no
+    linear input (an embedding, a norm, a bias) takes magnitude, as ``darex prune`` does."""
+    from pruning.methods import prune_tensor
+
+    bench = _Bench(finetuned, base_path, arch, deltas, rows, lora, max_length, source)
+    found = bench.search_q(p, seed, on_step)
+    norms = bench.col_norms()
+
+    def kept(method: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for (_, name), (_, _, d) in bench.entries.items():
+            cn = norms.get(name) if method == "wanda" and d.dim() == 2 else None
+            m = method if cn is not None else "magnitude"
+            sd = prune_tensor(m, d, p, name=name, col_norm=cn)
+            out[name] = (sd.indices, sd.values)
+        return out
+
+    scores = {"darex_q": found.score}
+    for m in CANDIDATES[1:]:
         if on_step is not None:
             on_step()
-        return metric(1.0 / q)
-
-    found = search_q_global(score, p, refine=4)
-    return LabeledQ(
-        found.q,
-        found.score,
-        dict(found.tried)[round(1.0 - p, 12)],
-        unpruned,
-        len(exs),
-        task.metric_name,
-        found.tried,
-    )
+        scores[m] = bench.metric(kept(m))
+    method = max(CANDIDATES, key=lambda m: (scores[m], -CANDIDATES.index(m)))
+    return LabeledChoice(method, scores, found, norms if method == "wanda" else None)

@@ -120,6 +120,18 @@ def test_every_method_gives_a_row(
     lab = open_lab(base, tmp_path / "w" / rp.slug(base.name) / task / spec, load_task(task))
     for p in (0.5, 0.99, 0.999):
         assert rp.pick_from_reference(ref, spec, p) == rp._pick(lab.stats(), spec, p)[0]
+    # the candidates a labeled ingest compares record their validation metric; rows that
+    # ran without it get the same value from the backfill
+    val = {m: cells[m].extra["val"] for m in rp.VAL_SCORED}
+    assert all(0.0 <= v <= 1.0 for v in val.values()) and "val" not in cells["dare"].extra
+    results = tmp_path / "w" / "results.jsonl"
+    lines = [json.loads(ln) for ln in results.read_text().splitlines()]
+    for ln in lines:
+        ln["extra"].pop("val", None)
+    results.write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    done = rp.backfill_val(tmp_path / "w", base, load_task(task), spec, budget)
+    assert {r.method: r.extra["val"] for r in done} == val
+    assert rp.backfill_val(tmp_path / "w", base, load_task(task), spec, budget) == []
 
 
 def test_grid_budgets_are_the_ones_the_report_ran_and_options_override_them() -> None:
@@ -240,3 +252,41 @@ def test_recommend_hit_rate_counts_only_the_fitted_cells_in_sample() -> None:
         "| arith/adam-large | 0.5 | magnitude 85.0 | darex_q/labeled 82.0 | no |" in ln
         for ln in hits.lines
     )
+
+
+def test_comparing_on_validation_picks_the_best_validation_metric() -> None:
+    """The report's third policy: the searched DAREx-q, magnitude and WANDA compared on
+    their recorded validation metric (ties to DAREx-q), scored against the labeled policy
+    on the same cells; a cell lacking a validation metric is left out of both."""
+
+    def mk(p: float, m: str, mean: float, val: float | None = None) -> rp.Row:
+        extra = {} if val is None else {"val": val}
+        return rp.Row("minilm-l6", "rt-sentiment", "x", m, p, mean, 0.0, [0], [mean], extra=extra)
+
+    ref = mk(0.0, "unpruned", 0.9)
+    ref.extra = {"rms": 3e-3, "spread": 1.0, "base_rms": 0.05}
+    rows = [ref]
+    for p, lab, mag, wanda in (
+        (0.9, (0.795, 0.7), (0.5, 0.6), (0.6, 0.7)),  # tie on validation: DAREx-q
+        (0.5, (0.82, 0.8), (0.85, 0.9), (0.7, 0.85)),  # magnitude best on both
+    ):
+        rows += [
+            mk(p, "dare", 0.8),
+            mk(p, "darex_q/labeled", *lab),
+            mk(p, "magnitude", *mag),
+            mk(p, "wanda", *wanda),
+            mk(p, "recommend", float("nan")),
+        ]
+    rows += [mk(0.99, "dare", 0.6), mk(0.99, "darex_q/labeled", 0.7), mk(0.99, "magnitude", 0.5)]
+    rows += [mk(0.99, "wanda", 0.4, 0.3), mk(0.99, "darex_q/outchange", 0.65)]
+    rows.append(mk(0.99, "recommend", float("nan")))
+    hits = rr.recommend_hits(rows)
+    assert hits.compared == (2, 2, pytest.approx((0.5 + 0.0) / 2))
+    assert hits.labels_there == (1, 2, pytest.approx((0.5 + 3.0) / 2))
+    assert hits.policies["labels"].total == (2, 3)  # the 0.99 cell counts there
+    assert any(
+        "| rt-sentiment/x | 0.5 |" in ln and "| magnitude 85.0 | yes |" in ln for ln in hits.lines
+    )
+    assert any("| rt-sentiment/x | 0.99 |" in ln and ln.endswith(" - | |") for ln in hits.lines)
+    md = "\n".join(rr.tables_markdown(rows))
+    assert "comparing the searched DAREx-q, magnitude and WANDA on them" in md and ": 2/2," in md

@@ -24,7 +24,13 @@ from server.cli import app
 from storage.labeled import read_labeled
 from storage.predict import predict
 from storage.tasks import Example, Task
-from tests.server.finetunes import LABELS, save_causal_finetune, save_classifier_finetune
+from tests.server.finetunes import (
+    LABELS,
+    save_causal_finetune,
+    save_classifier_finetune,
+    save_spiky_classifier,
+    spread_head,
+)
 
 runner = CliRunner()
 RMS = 1e-2  # the classifier's delta: DARE at p = 0.9 loses labels, larger q win some back
@@ -58,11 +64,7 @@ def classifier_ft(tiny_bert_dir, tmp_path_factory) -> Path:
     with torch.no_grad():  # the encoder: base + a dense Gaussian delta of rms RMS
         for name, prm in model.bert.named_parameters():
             prm.copy_(base[name] + torch.randn(prm.shape, generator=g) * RMS)
-        pooled = model.bert(**tok(TEXTS, padding=True, return_tensors="pt")).pooler_output
-        spread = pooled.std(0).clamp_min(1e-6)
-        w = torch.randn(len(LABELS), pooled.shape[1], generator=torch.Generator().manual_seed(0))
-        model.classifier.weight.copy_(w / spread)
-        model.classifier.bias.copy_(-(w / spread) @ pooled.mean(0))
+    spread_head(model, tok, TEXTS)
     model.save_pretrained(out)
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (out / f).write_bytes((tiny_bert_dir / f).read_bytes())
@@ -208,3 +210,56 @@ def test_prefix_metric_needs_the_whole_answer() -> None:
         0.0,
         0.0,
     ]
+
+
+def _accuracy(folder: Path, labels: list[int]) -> float:
+    got = _classify(folder, TEXTS)
+    return sum(a == b for a, b in zip(got, labels, strict=True)) / len(TEXTS)
+
+
+def _val_rows(labels: list[int]) -> list[dict[str, Any]]:
+    return read_labeled(
+        "\n".join(
+            json.dumps({"text": t, "label": LABELS[y]}) for t, y in zip(TEXTS, labels, strict=True)
+        )
+    )
+
+
+def _encoder_deltas(base_dir: Path, ft: Path) -> dict[str, torch.Tensor]:
+    """The deltas ``darex prune`` and ingest prune by default, by the base's names."""
+    from storage.checkpoint import open_checkpoint
+    from storage.ingest import default_patterns
+
+    b, f, sel = open_checkpoint(base_dir), open_checkpoint(ft), default_patterns("encoder")
+    return {n: f.get(f"bert.{n}") - b.get(n) for n in b.names() if sel.matches(n)}
+
+
+@pytest.mark.parametrize("spiky", [True, False])
+def test_labeled_choice_scores_each_candidate_as_its_checkpoint(
+    tiny_bert_dir, classifier_ft, tmp_path, spiky
+) -> None:
+    """Each candidate's reported accuracy is what ``darex prune`` with that method (WANDA
+    calibrated on the same texts) scores, and the best one is chosen, ties to DAREx-q. A
+    heavy-tailed delta goes to magnitude; the dense Gaussian one stays DAREx-q."""
+    from storage.labeled import CANDIDATES, labeled_choice
+
+    ft = save_spiky_classifier(tiny_bert_dir, tmp_path / "ft", TEXTS) if spiky else classifier_ft
+    labels = _classify(ft, TEXTS)
+    assert len(set(labels)) > 1
+    choice = labeled_choice(
+        ft, tiny_bert_dir, "encoder", _encoder_deltas(tiny_bert_dir, ft), _val_rows(labels), 0.5
+    )
+    assert list(choice.scores) == list(CANDIDATES)
+    assert choice.scores["darex_q"] == choice.search.score >= choice.search.dare
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(TEXTS))
+    for method, extra in (("magnitude", []), ("wanda", ["--calib", calib])):
+        out = tmp_path / method
+        _run("prune", tiny_bert_dir, ft, "--method", method, "--rate", "0.5", *extra, "--out", out)
+        assert _accuracy(out, labels) == choice.scores[method], method
+    best = max(choice.scores.values())
+    assert choice.method == next(m for m in CANDIDATES if choice.scores[m] == best)
+    assert choice.method == ("magnitude" if spiky else "darex_q")
+    assert choice.q == (None if spiky else choice.search.q)
+    assert (choice.col_norms is None) == (choice.method != "wanda")
+    assert f"chose {choice.method}" in choice.summary()

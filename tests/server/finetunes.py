@@ -162,6 +162,43 @@ def save_classifier_finetune(base_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def spread_head(model: torch.nn.Module, tokenizer, texts: list[str]) -> None:
+    """A random classification head over the part of the pooled output that varies across
+    ``texts`` (centred on their mean), so the model's labels of them vary."""
+    with torch.no_grad():
+        pooled = model.bert(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+        spread = pooled.std(0).clamp_min(1e-6)
+        w = torch.randn(len(LABELS), pooled.shape[1], generator=torch.Generator().manual_seed(0))
+        model.classifier.weight.copy_(w / spread)
+        model.classifier.bias.copy_(-(w / spread) @ pooled.mean(0))
+
+
+def save_spiky_classifier(
+    base_dir: Path, out: Path, texts: list[str], density: float = 0.3, sigma: float = 2.0
+) -> Path:
+    """A classifier whose encoder delta is heavy-tailed: a random ``density`` of the entries
+    move, by log-normal sizes (``sigma``) at rms 1e-2, so a few entries carry most of it
+    (what magnitude pruning keeps); the head is ``spread_head`` over ``texts``."""
+    from transformers import AutoModelForSequenceClassification
+
+    save_classifier_finetune(base_dir, out, seed=4)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModel.from_pretrained(base_dir).state_dict()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, prm in model.bert.named_parameters():
+            moved = torch.rand(prm.shape, generator=g) < density
+            size = torch.exp(sigma * torch.randn(prm.shape, generator=g))
+            d = torch.randn(prm.shape, generator=g).sign() * size * moved
+            prm.copy_(base[name] + d / d.pow(2).mean().sqrt() * 1e-2)
+    spread_head(model, tok, texts)
+    model.save_pretrained(out)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / f).write_bytes((base_dir / f).read_bytes())
+    return out
+
+
 def multipart_files(folder: Path) -> list[tuple[str, tuple[str, bytes]]]:
     """httpx ``files=`` for every file of a checkpoint folder."""
     return [("files", (f.name, f.read_bytes())) for f in sorted(folder.iterdir()) if f.is_file()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -458,4 +459,44 @@ def test_labeled_examples_search_q_on_the_stored_mask(bert_ft, tiny_bert_dir, st
     with pytest.raises(PruningError, match=r"line 17: label 'positive' is not one of"):
         ingest(store, "lq2", bert_ft, base, method="darex_q", p=0.99, val=bad, show_progress=False)
     assert set(store.blobs.iter_keys()) == before and "lq2" not in store.registry.list_models()
+    assert store.verify().ok
+
+
+def test_labeled_examples_compare_a_recommended_darex_q_with_magnitude(
+    tiny_bert_dir, store, tmp_path
+) -> None:
+    """With labeled rows and no method, ingest scores the searched DAREx-q, magnitude and
+    WANDA on them and stores the best: a heavy-tailed delta is stored as its top entries
+    (magnitude, explicit indices, no q), and the reason gives every score. A requested
+    darex_q is only given its q."""
+    from pruning.methods import prune_tensor
+    from storage.checkpoint import open_checkpoint
+    from storage.labeled import read_labeled
+    from tests.pruning.test_labeled import TEXTS, _classify
+    from tests.server.finetunes import LABELS, save_spiky_classifier
+
+    ft = save_spiky_classifier(tiny_bert_dir, tmp_path / "spiky", TEXTS)
+    labels = _classify(ft, TEXTS)
+    rows = read_labeled(
+        "\n".join(
+            json.dumps({"text": t, "label": LABELS[y]}) for t, y in zip(TEXTS, labels, strict=True)
+        )
+    )
+    base = base_of(tiny_bert_dir, store)
+    m = ingest(store, "spiky", ft, base, p=0.9, val=rows, show_progress=False).manifest
+    assert (m.method, m.q) == ("magnitude", None)  # 30 % of the entries moved: no shortcut
+    assert re.search(r"DARE [\d.]+.*; magnitude [\d.]+, wanda [\d.]+; chose magnitude", m.reason)
+    b, f = open_checkpoint(tiny_bert_dir), open_checkpoint(ft)
+    for name, e in m.deltas.items():
+        if not e.pruned:
+            continue
+        d = f.get(f"bert.{name}") - b.get(name)
+        want = prune_tensor("magnitude", d, 0.9, name=name)
+        got = store.load_delta(e)
+        assert e.encoding == "explicit" and torch.equal(got.indices, want.indices), name
+        torch.testing.assert_close(got.values.float(), want.values.half().float())
+    asked = ingest(
+        store, "spiky-q", ft, base, method="darex_q", p=0.9, val=rows, show_progress=False
+    ).manifest
+    assert asked.method == "darex_q" and asked.q is not None and "chose" not in asked.reason
     assert store.verify().ok
