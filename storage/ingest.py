@@ -264,6 +264,11 @@ def ingest(
         raise PruningError(
             "method darex_q needs q, or labeled examples or calibration texts to search it on"
         )
+    if method == "wanda" and col_norms is None and not calib_texts:
+        raise PruningError(
+            "method wanda needs calibration texts (calib): it weighs each delta entry by "
+            "the norm of its input feature on them"
+        )
     if not replace:
         try:
             store.registry.get_model(model_id)
@@ -315,6 +320,13 @@ def ingest(
         report(0.03, "searching q on the calibration texts")
         q = _search_q(source, selector, base, calib_texts or [], rate, seed, show_progress)
         reason += f"; q={q:g} by output change on the calibration texts"
+    if method == "wanda" and col_norms is None:
+        from storage.qsearch import wanda_col_norms
+
+        report(0.03, "measuring input norms on the calibration texts")
+        deltas_sel = _selected_deltas(source, selector)
+        col_norms = wanda_col_norms(base.path, base.arch, deltas_sel, calib_texts)
+        del deltas_sel
     log.info(
         "ingest %s: %s p=%s q=%s (%s)",
         model_id,

@@ -18,6 +18,7 @@ import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +52,51 @@ def parameter_for(
     return key if key is not None and own[key].shape == shape else None
 
 
+def _finetuned(
+    base_path: Path, arch: str, deltas: Mapping[str, torch.Tensor]
+) -> tuple[Any, Any, dict[str, torch.Tensor], dict[str, str]]:
+    """The base model with the deltas added (the fine-tune), its tokenizer, and the
+    deltas and base tensor names by the model's parameter names."""
+    import transformers
+
+    cls = transformers.AutoModelForCausalLM if arch == "decoder" else transformers.AutoModel
+    model = cls.from_pretrained(str(base_path), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(base_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    own = dict(model.named_parameters())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    mapped: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    with torch.no_grad():
+        for name, d in deltas.items():
+            key = parameter_for(own, name, d.shape, prefix)
+            if key is None or key in mapped:
+                continue
+            own[key].add_(d.to(own[key].dtype))  # the fine-tune: base + delta
+            mapped[key], names[key] = d, name
+    if not mapped:
+        raise PruningError("no pruned tensor is a parameter of the base model")
+    return model, tok, mapped, names
+
+
+def _batches(tok: Any, texts: Sequence[str], max_length: int) -> list[dict[str, torch.Tensor]]:
+    texts = [t for t in texts if t.strip()][:MAX_TEXTS]
+    if not texts:
+        raise PruningError("calibration texts are empty: nothing to measure on them")
+    out = []
+    for i in range(0, len(texts), BATCH):
+        enc = tok(
+            list(texts[i : i + BATCH]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    return out
+
+
 @torch.no_grad()
 def outchange_q(
     base_path: Path,
@@ -64,38 +110,10 @@ def outchange_q(
     on_step: Callable[[], None] | None = None,
 ) -> float:
     """The q of the output-change search; ``deltas`` are keyed by the base's tensor names."""
-    import transformers
-
-    texts = [t for t in texts if t.strip()][:MAX_TEXTS]
-    if not texts:
+    if not any(t.strip() for t in texts):
         raise PruningError("calibration texts are empty: no q can be chosen from them")
-    cls = transformers.AutoModelForCausalLM if arch == "decoder" else transformers.AutoModel
-    model = cls.from_pretrained(str(base_path), dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(base_path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    own = dict(model.named_parameters())
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    mapped: dict[str, torch.Tensor] = {}
-    mask_names: dict[str, str] = {}
-    for name, d in deltas.items():
-        key = parameter_for(own, name, d.shape, prefix)
-        if key is None or key in mapped:
-            continue
-        own[key].add_(d.to(own[key].dtype))  # the fine-tune: base + delta
-        mapped[key], mask_names[key] = d, name
-    if not mapped:
-        raise PruningError("no pruned tensor is a parameter of the base model")
-    batches = []
-    for i in range(0, len(texts), BATCH):
-        enc = tok(
-            list(texts[i : i + BATCH]),
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    model, tok, mapped, mask_names = _finetuned(base_path, arch, deltas)
+    batches = _batches(tok, texts, max_length)
     score = output_change_score(
         model, mapped, p, batches, arch=arch, seeds=(seed,), mask_names=mask_names
     )
@@ -106,3 +124,23 @@ def outchange_q(
         return score(q)
 
     return search_q_global(counted, p, refine=4).q
+
+
+@torch.no_grad()
+def wanda_col_norms(
+    base_path: Path,
+    arch: str,
+    deltas: Mapping[str, torch.Tensor],
+    texts: Sequence[str],
+    *,
+    max_length: int = 128,
+) -> dict[str, torch.Tensor]:
+    """WANDA's input-feature norms ``||X_j||_2`` of each pruned linear weight, by the
+    base's tensor name, over the texts' tokens through the fine-tune (base + delta), as
+    ``darex prune --method wanda --calib`` measures them. Tensors that are no linear
+    layer's weight (embeddings, norms, biases) have none."""
+    from pruning.calib import capture
+
+    model, tok, mapped, names = _finetuned(base_path, arch, deltas)
+    stats = capture(model, _batches(tok, texts, max_length), names=list(mapped))
+    return {names[k]: s.col_norm for k, s in stats.items()}

@@ -41,7 +41,10 @@ def add(
     path: Annotated[Path, typer.Argument(help="HF folder, .safetensors file or PEFT adapter.")],
     method: Annotated[
         str | None,
-        typer.Option(help="dare, darex_q, magnitude, structural (default: recommended)."),
+        typer.Option(
+            help="dare, darex_q, magnitude, wanda (needs --calib), structural "
+            "(default: recommended)."
+        ),
     ] = None,
     rate: Annotated[
         float | None, typer.Option(help="Pruning rate p (default DAREX_DEFAULT_RATE).")
@@ -49,7 +52,10 @@ def add(
     q: Annotated[float | None, typer.Option(help="DAREx-q rescale 1/q (darex_q).")] = None,
     calib: Annotated[
         Path | None,
-        typer.Option(help="Texts, one per line: DAREx-q's q is searched on them."),
+        typer.Option(
+            help="Texts, one per line: DAREx-q's q is searched on them; WANDA's input "
+            "norms are measured on them."
+        ),
     ] = None,
     val: Annotated[
         Path | None,

@@ -122,6 +122,24 @@ def test_upload_with_calib_texts_searches_q(llama: TestClient, llama_ft: Path) -
     assert llama.delete("/admin/models/ft-cq", headers=AUTH).status_code == 200
 
 
+def test_upload_wanda_measures_on_the_calib_texts(llama: TestClient, llama_ft: Path) -> None:
+    """method wanda weighs the delta by input norms measured on ``calib``: without the
+    texts it is a 422 naming the field, with them the job stores WANDA."""
+    files = multipart_files(llama_ft)
+    r = llama.post(
+        "/admin/models", headers=AUTH, data={"model_id": "w", "method": "wanda"}, files=files
+    )
+    assert assert_error(r, 422, "method wanda needs calibration texts")["param"] == "calib"
+    assert llama.get("/admin/models/w", headers=AUTH).status_code == 404
+    calib = "\n".join(f"question {i}: what is {i} plus {2 * i}?" for i in range(12))
+    acc = upload(llama, llama_ft, "ft-w", method="wanda", rate=0.9, calib=calib)
+    job = wait_job(llama, acc["job_id"])
+    assert job["state"] == "done", job
+    info = llama.get("/admin/models/ft-w", headers=AUTH).json()
+    assert info["method"] == "wanda" and info["q"] is None
+    assert llama.delete("/admin/models/ft-w", headers=AUTH).status_code == 200
+
+
 def test_upload_with_val_examples_searches_q(llama: TestClient, llama_ft: Path) -> None:
     """Labeled ``val`` lines: q is searched for the best metric on them; bad lines are 422."""
     filler = "a longer question, to send more than the 4 KiB of a plain field " * 2

@@ -500,3 +500,52 @@ def test_labeled_examples_compare_a_recommended_darex_q_with_magnitude(
     ).manifest
     assert asked.method == "darex_q" and asked.q is not None and "chose" not in asked.reason
     assert store.verify().ok
+
+
+def test_wanda_weighs_the_delta_by_input_norms_on_the_calibration_texts(
+    bert_ft, tiny_bert_dir, store
+) -> None:
+    """method wanda measures each linear input's norm on the calibration texts through the
+    fine-tune and keeps the top |d| * ||X_j|| of each row, as ``pruning.methods.wanda``
+    does with norms taken on the fine-tuned model; tensors with no linear input take
+    magnitude. Without texts it is refused before anything is written."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from pruning.calib import capture
+    from pruning.methods import prune_tensor
+    from storage.checkpoint import open_checkpoint
+
+    base = base_of(tiny_bert_dir, store)
+    before = set(store.blobs.iter_keys())
+    with pytest.raises(PruningError, match="method wanda needs calibration texts"):
+        ingest(store, "w0", bert_ft, base, method="wanda", p=0.9, show_progress=False)
+    assert set(store.blobs.iter_keys()) == before and "w0" not in store.registry.list_models()
+    m = ingest(
+        store, "w", bert_ft, base, method="wanda", p=0.9, calib_texts=CALIB, show_progress=False
+    ).manifest
+    assert m.method == "wanda"
+    model = AutoModel.from_pretrained(bert_ft).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    with torch.no_grad():
+        norms = {
+            k: s.col_norm
+            for k, s in capture(
+                model, [dict(tok(CALIB, padding=True, return_tensors="pt"))]
+            ).items()
+        }
+    b, f = open_checkpoint(tiny_bert_dir), open_checkpoint(bert_ft)
+    kinds = set()
+    for name, e in m.deltas.items():
+        if not e.pruned:
+            continue
+        d = f.get(f"bert.{name}") - b.get(name)
+        linear = name in norms and d.dim() == 2
+        kinds.add(linear)
+        want = (
+            prune_tensor("wanda", d, 0.9, name=name, col_norm=norms[name])
+            if linear
+            else prune_tensor("magnitude", d, 0.9, name=name)
+        )
+        assert torch.equal(store.load_delta(e).indices, want.indices), name
+    assert kinds == {True, False}  # both linear weights and others were pruned
+    assert store.verify().ok

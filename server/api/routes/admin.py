@@ -161,6 +161,12 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
                 "prints)",
                 field="q",
             )
+        if method == "wanda" and calib is None:
+            raise InvalidRequest(
+                "calib: method wanda needs calibration texts (one per line): it weighs each "
+                "delta entry by the norm of its input feature on them",
+                field="calib",
+            )
         if q is not None and method != "darex_q":
             raise InvalidRequest(
                 f"q: only method darex_q takes a q (method is {method or 'the recommended one'})",
