@@ -549,3 +549,19 @@ def test_wanda_weighs_the_delta_by_input_norms_on_the_calibration_texts(
         assert torch.equal(store.load_delta(e).indices, want.indices), name
     assert kinds == {True, False}  # both linear weights and others were pruned
     assert store.verify().ok
+
+
+def test_a_heavy_tailed_delta_with_calibration_texts_is_stored_as_wanda(
+    tiny_bert_dir, store, tmp_path
+) -> None:
+    """The recommended method for a delta a few entries carry (spread > 3), with texts
+    to measure input norms on, is WANDA, and ingest measures them (it used to fail)."""
+    from tests.pruning.test_labeled import TEXTS
+    from tests.server.finetunes import save_spiky_classifier
+
+    ft = save_spiky_classifier(tiny_bert_dir, tmp_path / "spiky", TEXTS)
+    base = base_of(tiny_bert_dir, store)
+    m = ingest(store, "sw", ft, base, p=0.9, calib_texts=TEXTS, show_progress=False).manifest
+    assert m.method == "wanda" and "spread" in m.reason, m.reason
+    assert {e.encoding for e in m.deltas.values() if e.pruned} == {"explicit"}
+    assert store.verify().ok
