@@ -316,21 +316,11 @@ class _Bench:
         """WANDA's input-column norms of each pruned linear weight, by base name, on the
         examples' texts through the fine-tuned model."""
         from pruning.calib import capture
+        from storage.qsearch import text_batches
 
         self.set(None)  # the fine-tune's own weights
         texts = [e.text for e in self.exs]
-        batches = [
-            dict(
-                self.tok(
-                    texts[i : i + BATCH],
-                    truncation=True,
-                    max_length=self.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                )
-            )
-            for i in range(0, len(texts), BATCH)
-        ]
+        batches = text_batches(self.tok, texts, self.max_length, limit=None, batch=BATCH)
         keys = {key: name for key, name in self.entries}
         stats = capture(self.model, batches, names=list(keys))
         return {keys[k]: s.col_norm for k, s in stats.items()}

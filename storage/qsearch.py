@@ -80,14 +80,21 @@ def _finetuned(
     return model, tok, mapped, names
 
 
-def _batches(tok: Any, texts: Sequence[str], max_length: int) -> list[dict[str, torch.Tensor]]:
-    texts = [t for t in texts if t.strip()][:MAX_TEXTS]
+def text_batches(
+    tok: Any,
+    texts: Sequence[str],
+    max_length: int,
+    limit: int | None = MAX_TEXTS,
+    batch: int = BATCH,
+) -> list[dict[str, torch.Tensor]]:
+    """The first ``limit`` non-blank texts tokenized in padded batches (ids and mask)."""
+    texts = [t for t in texts if t.strip()][:limit]
     if not texts:
         raise PruningError("calibration texts are empty: nothing to measure on them")
     out = []
-    for i in range(0, len(texts), BATCH):
+    for i in range(0, len(texts), batch):
         enc = tok(
-            list(texts[i : i + BATCH]),
+            list(texts[i : i + batch]),
             return_tensors="pt",
             padding=True,
             truncation=True,
@@ -113,7 +120,7 @@ def outchange_q(
     if not any(t.strip() for t in texts):
         raise PruningError("calibration texts are empty: no q can be chosen from them")
     model, tok, mapped, mask_names = _finetuned(base_path, arch, deltas)
-    batches = _batches(tok, texts, max_length)
+    batches = text_batches(tok, texts, max_length)
     score = output_change_score(
         model, mapped, p, batches, arch=arch, seeds=(seed,), mask_names=mask_names
     )
@@ -142,5 +149,5 @@ def wanda_col_norms(
     from pruning.calib import capture
 
     model, tok, mapped, names = _finetuned(base_path, arch, deltas)
-    stats = capture(model, _batches(tok, texts, max_length), names=list(mapped))
+    stats = capture(model, text_batches(tok, texts, max_length), names=list(mapped))
     return {names[k]: s.col_norm for k, s in stats.items()}
