@@ -39,7 +39,8 @@ with q searched on the labeled examples, from q = 1-p, so never below plain DARE
 them. In the reproduction grid that policy came within a point of the best method in
 82 of the 124 cells the thresholds were not read off (mean shortfall 2.2 points),
 where the statistics rule with labels came within a point in 75 (2.6 points). The
-thresholds above now decide only without labels.
+thresholds above now decide only without labels. Ingest then also scores magnitude and
+WANDA on the same examples and keeps the best (``storage.labeled.labeled_choice``).
 """
 
 from __future__ import annotations

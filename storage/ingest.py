@@ -35,7 +35,7 @@ from storage.modelid import validate_model_id
 from storage.store import DeltaStore
 
 if TYPE_CHECKING:
-    from storage.labeled import LabeledChoice, LabeledQ
+    from storage.labeled import LabeledChoice
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +189,25 @@ def _search_q_labeled(
     seed: int,
     show_progress: bool,
     compare: bool,
-) -> LabeledQ | LabeledChoice:
+) -> LabeledChoice:
     """q searched on the labeled rows; with ``compare`` also magnitude and WANDA scored
     on them, and the best of the three (``storage.labeled.labeled_choice``)."""
-    from storage.labeled import labeled_choice, labeled_q
+    from storage.labeled import CANDIDATES, labeled_choice
 
     folder = Path(path[0]).parent if isinstance(path, (list, tuple)) else Path(path)
     deltas = _selected_deltas(source, selector)
-    run = labeled_choice if compare else labeled_q
     with tqdm(desc="q search (labeled)", unit="eval", disable=not show_progress) as bar:
-        return run(
-            folder, base.path, base.arch, deltas, rows, p, seed=seed, lora=lora, on_step=bar.update
+        return labeled_choice(
+            folder,
+            base.path,
+            base.arch,
+            deltas,
+            rows,
+            p,
+            seed=seed,
+            lora=lora,
+            on_step=bar.update,
+            candidates=CANDIDATES if compare else ("darex_q",),
         )
 
 
@@ -310,12 +318,8 @@ def ingest(
         found = _search_q_labeled(
             source, selector, base, path, lora, val, rate, seed, show_progress, chosen
         )
-        q = found.q
+        method, q, col_norms = found.method, found.q, found.col_norms or col_norms
         reason += f"; {found.summary()}"
-        from storage.labeled import LabeledChoice
-
-        if isinstance(found, LabeledChoice) and found.method != "darex_q":
-            method, col_norms = found.method, found.col_norms
     elif method == "darex_q" and q is None:
         report(0.03, "searching q on the calibration texts")
         q = _search_q(source, selector, base, calib_texts or [], rate, seed, show_progress)
