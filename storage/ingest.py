@@ -196,7 +196,7 @@ def _search_q_labeled(
 
     folder = Path(path[0]).parent if isinstance(path, (list, tuple)) else Path(path)
     deltas = _selected_deltas(source, selector)
-    with tqdm(desc="q search (labeled)", unit="eval", disable=not show_progress) as bar:
+    with tqdm(desc="labeled examples", unit="eval", disable=not show_progress) as bar:
         return labeled_choice(
             folder,
             base.path,
