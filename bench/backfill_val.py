@@ -1,7 +1,7 @@
 """Record the validation metric of the candidates a labeled ingest compares
 (``server.reproduce.VAL_SCORED``) in grid rows that ran before rows recorded it:
 
-    python bench/backfill_val.py --work /tmp/full-work [--base minilm-l6] [--only TASK] [--part SPEC]
+    python bench/backfill_val.py --work /tmp/full-work [--base BASE] [--only TASK] [--part SPEC]
 
 Settings are taken from ``<work>/full/results.jsonl``; each updated row is appended there
 (a later row replaces an earlier one), so an interrupted run resumes where it stopped.
@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server import reproduce as rp  # noqa: E402
-from server.settings import get_settings  # noqa: E402
-from storage.bases import resolve_base  # noqa: E402
-from storage.tasks import load_task  # noqa: E402
+from server import reproduce as rp
+from server.settings import get_settings
+from storage.bases import resolve_base
+from storage.tasks import load_task
 
 
 def main() -> None:

@@ -316,7 +316,7 @@ def tables_markdown(
     if hits.policies["labels"].total[1]:
         lines += ["### recommend() hit rate (within 1 point of the best method of the cell)", ""]
         for name, what in (
-            ("labels", "With labels (DAREx-q, q searched on them)"),
+            ("labels", "With labels, the method `recommend()` names (DAREx-q, q searched on them)"),
             ("texts", "With calibration texts only (the rule on delta statistics)"),
         ):
             h = hits.policies[name]
@@ -328,9 +328,9 @@ def tables_markdown(
         if hits.compared[1]:
             (ch, n, cs), (lh, _, ls) = hits.compared, hits.labels_there
             lines.append(
-                f"- With labels, comparing the searched DAREx-q, magnitude and WANDA on them "
-                f"(best validation metric, ties to DAREx-q): {ch}/{n}, {cs:.1f} points below "
-                f"the best on average; the labeled search alone on the same {n} cells: "
+                f"- With labels, as ingest stores it (that DAREx-q compared with magnitude and "
+                f"WANDA on the same examples, ties to DAREx-q): {ch}/{n}, {cs:.1f} points "
+                f"below the best on average; the q search alone on the same {n} cells: "
                 f"{lh}/{n}, {ls:.1f}."
             )
         lines += [

@@ -289,4 +289,4 @@ def test_comparing_on_validation_picks_the_best_validation_metric() -> None:
     )
     assert any("| rt-sentiment/x | 0.99 |" in ln and ln.endswith(" - | |") for ln in hits.lines)
     md = "\n".join(rr.tables_markdown(rows))
-    assert "comparing the searched DAREx-q, magnitude and WANDA on them" in md and ": 2/2," in md
+    assert "compared with magnitude and WANDA on the same examples" in md and ": 2/2," in md
