@@ -264,6 +264,13 @@ def structural(
     return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, None)
 
 
+def method_for(method: Method | str, d: torch.Tensor, col_norm: torch.Tensor | None) -> str:
+    """The method one tensor is pruned with: WANDA weighs a linear weight's input columns,
+    so a tensor without measured ones (an embedding, a norm, a bias) takes magnitude."""
+    m = str(getattr(method, "value", method))
+    return "magnitude" if m == "wanda" and (col_norm is None or d.dim() != 2) else m
+
+
 def prune_tensor(
     method: Method | str,
     d: torch.Tensor,

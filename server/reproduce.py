@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pruning.calib import capture
 from pruning.q import analytical_q, lsq_q, output_change_score, search_q_global
 from pruning.recommend import DeltaStats, recommend
-from server.reproduce_lab import Lab, by_length, mean_std, open_lab, slug
+from server.reproduce_lab import Lab, Pruned, by_length, mean_std, open_lab, slug
 from server.training import RESULT_FILE, finetune
 from storage.bases import BaseInfo
 from storage.tasks import Task, load_task
@@ -322,6 +322,15 @@ def _outchange_q(st: Setting, p: float, seed: int) -> float:
     return search_q_global(score, p, refine=4).q
 
 
+def _prune(st: Setting, method: str, p: float, seed: int) -> Pruned:
+    """magnitude, WANDA (input norms from the calibration batches) or structural."""
+    cn = None
+    if method == "wanda":
+        _calibrate(st)
+        cn = {n: s.col_norm for n, s in st.calib.items()}
+    return st.lab.prune(method, p, seed, col_norms=cn)
+
+
 def run_method(st: Setting, method: str, p: float) -> Row:
     """Evaluate one method at rate p over the mask seeds (one run for deterministic ones).
 
@@ -355,11 +364,7 @@ def run_method(st: Setting, method: str, p: float) -> Row:
                 values.append(lab.metric_with(scaled, st.test))
                 qs.append(sum(qd.values()) / len(qd))
         else:
-            cn = None
-            if method == "wanda":
-                _calibrate(st)
-                cn = {n: s.col_norm for n, s in st.calib.items()}
-            pruned = lab.prune(method, p, seed, col_norms=cn)
+            pruned = _prune(st, method, p, seed)
             nbytes = lab.bytes_fp16(pruned)
             values.append(lab.metric_with(pruned, st.test))
             if method in VAL_SCORED:
@@ -400,11 +405,7 @@ def backfill_val(work: Path, base: BaseInfo, task: Task, spec: str, budget: Budg
             q = r.extra.get("qs", [r.q])[0]
             val = lab.metric_with(masks, st.val, (1.0 - r.p) / q)
         else:
-            cn = None
-            if r.method == "wanda":
-                _calibrate(st)
-                cn = {n: s.col_norm for n, s in st.calib.items()}
-            val = lab.metric_with(lab.prune(r.method, r.p, 0, col_norms=cn), st.val)
+            val = lab.metric_with(_prune(st, r.method, r.p, 0), st.val)
         new = replace(r, extra={**r.extra, "val": val})
         append_rows(work, [new])
         done.append(new)

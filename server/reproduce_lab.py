@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from pruning.methods import dare, prune_tensor
+from pruning.methods import dare, method_for, prune_tensor
 from pruning.recommend import DeltaStats, delta_stats, merge_stats
 from pruning.select import default_patterns
 from pruning.sparse import SparseDelta
@@ -128,11 +128,9 @@ class Lab:
             d = self.delta(n)
             tq = q.get(n) if isinstance(q, dict) else q
             cn = (col_norms or {}).get(n)
-            if method == "wanda" and (cn is None or d.dim() != 2):
-                out[n] = prune_tensor("magnitude", d, p, name=self.base_names[n], q=tq)
-                continue
+            m = method_for(method, d, cn)  # WANDA without input norms: magnitude
             out[n] = prune_tensor(
-                method, d, p, name=self.base_names[n], seed=seed, q=tq, col_norm=cn, **kw
+                m, d, p, name=self.base_names[n], seed=seed, q=tq, col_norm=cn, **kw
             )
         return out
 

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning.errors import PruningError
-from pruning.methods import prune_tensor
+from pruning.methods import method_for, prune_tensor
 from pruning.select import Selector, default_patterns
 from storage import codec
 from storage.bases import tensor_names
@@ -354,10 +354,7 @@ def ingest(
         elif selector.matches(name):
             tq = q.get(name) if isinstance(q, dict) else q
             cn = (col_norms or {}).get(name)
-            # WANDA weighs a linear weight's inputs; the rest (embeddings, norms, biases)
-            # take magnitude, as in ``darex prune``
-            fallback = method == "wanda" and col_norms is not None and (cn is None or d.dim() != 2)
-            m = "magnitude" if fallback else method
+            m = method_for(method, d, cn)  # WANDA's tensors without input norms: magnitude
             blob, scale, enc = _encode_pruned(d, name, m, rate, tq, seed, encoding, value_dtype, cn)
             key = store.blobs.put(blob)
             h, _ = codec.read_header(blob)

@@ -320,15 +320,14 @@ class _Bench:
     def col_norms(self) -> dict[str, torch.Tensor]:
         """WANDA's input-column norms of each pruned linear weight, by base name, on the
         examples' texts through the fine-tuned model."""
-        from pruning.calib import capture
-        from storage.qsearch import text_batches
+        from storage.qsearch import input_col_norms
 
         self.set(None)  # the fine-tune's own weights
         texts = [e.text for e in self.exs]
-        batches = text_batches(self.tok, texts, self.max_length, limit=None, batch=BATCH)
-        keys = {key: name for key, name in self.entries}
-        stats = capture(self.model, batches, names=list(keys))
-        return {keys[k]: s.col_norm for k, s in stats.items()}
+        names = {key: name for key, name in self.entries}  # parameter name -> base name
+        return input_col_norms(
+            self.model, self.tok, names, texts, self.max_length, limit=None, batch=BATCH
+        )
 
 
 # The candidates a labeled choice compares, in the order ties go: DAREx-q first (its
@@ -382,7 +381,7 @@ def labeled_choice(
     ``deltas`` are the pruned tensors' deltas keyed by the base's tensor names, as
     ingest and ``darex prune`` hold them; the other tensors keep the fine-tune's values.
     """
-    from pruning.methods import prune_tensor
+    from pruning.methods import method_for, prune_tensor
 
     bench = _Bench(finetuned, base_path, arch, deltas, rows, lora, max_length, source)
     found = bench.search_q(p, seed, on_step)
@@ -391,9 +390,8 @@ def labeled_choice(
     def kept(method: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
         for (_, name), (_, _, d) in bench.entries.items():
-            cn = norms.get(name) if method == "wanda" and d.dim() == 2 else None
-            m = method if cn is not None else "magnitude"
-            sd = prune_tensor(m, d, p, name=name, col_norm=cn)
+            cn = norms.get(name)
+            sd = prune_tensor(method_for(method, d, cn), d, p, name=name, col_norm=cn)
             out[name] = (sd.indices, sd.values)
         return out
 

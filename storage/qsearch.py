@@ -146,8 +146,24 @@ def wanda_col_norms(
     base's tensor name, over the texts' tokens through the fine-tune (base + delta), as
     ``darex prune --method wanda --calib`` measures them. Tensors that are no linear
     layer's weight (embeddings, norms, biases) have none."""
+    model, tok, _, names = _finetuned(base_path, arch, deltas)
+    return input_col_norms(model, tok, names, texts, max_length)
+
+
+@torch.no_grad()
+def input_col_norms(
+    model: Any,
+    tok: Any,
+    names: Mapping[str, str],
+    texts: Sequence[str],
+    max_length: int,
+    limit: int | None = MAX_TEXTS,
+    batch: int = BATCH,
+) -> dict[str, torch.Tensor]:
+    """``||X_j||_2`` of each linear weight ``names`` lists (model parameter name -> base
+    tensor name) over the texts' tokens through ``model``, keyed by the base name."""
     from pruning.calib import capture
 
-    model, tok, mapped, names = _finetuned(base_path, arch, deltas)
-    stats = capture(model, text_batches(tok, texts, max_length), names=list(mapped))
+    batches = text_batches(tok, texts, max_length, limit=limit, batch=batch)
+    stats = capture(model, batches, names=list(names))
     return {names[k]: s.col_norm for k, s in stats.items()}

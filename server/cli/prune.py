@@ -320,7 +320,7 @@ def prune(
 ) -> None:
     """Prune the delta FINETUNED - BASE and write the merged checkpoint to --out."""
     from pruning.delta import compute_delta
-    from pruning.methods import Method, check_rate, prune_tensor
+    from pruning.methods import Method, check_rate, method_for, prune_tensor
     from pruning.select import make_selector
 
     try:
@@ -379,14 +379,11 @@ def prune(
             d = compute_delta(w_base, w_ft, fname)
             tq = _layer_q(m, q_mode, d, p, stats.get(fname), bname, seed, per, axis, eta)
             st = stats.get(fname)
-            if m is Method.wanda and (st is None or d.dim() != 2):
-                # no input features (embeddings, norms, biases): magnitude
-                sd = prune_tensor(Method.magnitude, d, p, name=bname, q=tq)
-            else:
-                cn = None if st is None else st.col_norm
-                sd = prune_tensor(
-                    m, d, p, name=bname, seed=seed, q=tq, col_norm=cn, per=per, axis=axis
-                )
+            cn = None if st is None else st.col_norm
+            mt = method_for(m, d, cn)  # WANDA without input norms: magnitude
+            sd = prune_tensor(
+                mt, d, p, name=bname, seed=seed, q=tq, col_norm=cn, per=per, axis=axis
+            )
             w = w_base.to(w_ft.dtype).clone().reshape(-1)
             w[sd.indices] = (w_base.reshape(-1)[sd.indices].float() + sd.values.float()).to(w.dtype)
             writer.write(fname, w.view(w_ft.shape))

@@ -241,3 +241,13 @@ def test_bad_inputs_give_clear_errors() -> None:
         compute_delta(torch.zeros(3), w, "b.bias")
     with pytest.raises(ShapeMismatch, match=re.escape("layer.9")):
         check_names({"layer.9.w", "x"}, {"x"})
+
+
+def test_method_for_gives_wanda_only_where_input_norms_were_measured() -> None:
+    from pruning.methods import Method, method_for
+
+    w, b, cn = torch.zeros(4, 3), torch.zeros(4), torch.ones(3)
+    assert method_for(Method.wanda, w, cn) == "wanda"
+    assert method_for("wanda", w, None) == "magnitude"  # no measured inputs
+    assert method_for("wanda", b, cn) == "magnitude"  # not a linear weight
+    assert method_for(Method.darex_q, w, None) == "darex_q"
