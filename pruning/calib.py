@@ -38,6 +38,12 @@ class LayerStats:
         return self.sq_total.sqrt().float()
 
 
+def on_device(batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``batch`` moved to the device ``model``'s parameters are on (a no-op on CPU)."""
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
 def linear_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Linear]:
     """``{"<module>.weight": module}`` for the nn.Linear modules (optionally only ``names``)."""
     wanted = None if names is None else set(names)
@@ -92,6 +98,7 @@ def capture(
     handles = [m.register_forward_hook(_hook(stats, k, max_rows, valid)) for k, m in layers.items()]
     try:
         for b in progress(batches) if progress else batches:
+            b = on_device(b, model)
             am = b.get("attention_mask")
             valid[0] = None if am is None else am.reshape(-1).bool()
             model(**b)

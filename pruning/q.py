@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pruning.calib import on_device
 from pruning.errors import PruningError
 from pruning.methods import check_rate, darex_q
 from pruning.sparse import SparseDelta
@@ -99,7 +100,7 @@ def encoder_output_change(
     diff = (ref.float() - out.float()).abs()  # (B, T, H)
     if attention_mask is None:
         return float(diff.mean())
-    m = attention_mask.to(diff.dtype)[..., None]  # (B, T, 1)
+    m = attention_mask.to(diff.device, diff.dtype)[..., None]  # (B, T, 1)
     return float((diff * m).sum() / (m.sum() * diff.shape[-1]).clamp_min(1))
 
 
@@ -116,12 +117,12 @@ def decoder_output_change(
     se = (a - b) ** 2  # (B, T, k)
     if attention_mask is None:
         return float(se.mean())
-    m = attention_mask.to(se.dtype)[..., None]
+    m = attention_mask.to(se.device, se.dtype)[..., None]
     return float((se * m).sum() / (m.sum() * k).clamp_min(1))
 
 
 def _model_output(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], arch: str):
-    out = model(**batch)
+    out = model(**on_device(batch, model))
     if arch == "decoder":
         return out.logits if hasattr(out, "logits") else out[0]
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -165,9 +166,12 @@ def output_change_score(
         for seed in seeds:
             try:
                 for n, d in deltas.items():
+                    # the mask is drawn where d lives (the CPU's generator: the stored
+                    # mask); the model may be on another device
                     sd = darex_q(d, p, q, seed=seed, name=(mask_names or {}).get(n, n))
-                    w = saved[n].float() - d.float()
-                    w.view(-1).index_add_(0, sd.indices, sd.values.float())
+                    dev = saved[n].device
+                    w = saved[n].float() - d.float().to(dev)
+                    w.view(-1).index_add_(0, sd.indices.to(dev), sd.values.float().to(dev))
                     params[n].data.copy_(w.to(params[n].dtype))
                 for b, ref in zip(batches, refs, strict=True):
                     out = _model_output(model, b, arch)

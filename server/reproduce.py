@@ -61,25 +61,19 @@ ENCODER_SPECS: dict[str, dict[str, Any]] = {
     "adamr-l1-1e-5": {**_LARGE, "optimizer": "adamr-l1", "reg": 1e-5},
     "lora": {"lora": True, "rank": 8, "lr": 1e-3, "epochs": 1, "max_train": 4000},
 }
+# The decoder's large-delta schedule; AdamR runs it on the same problems.
+_DLARGE: dict[str, Any] = {"lr": 1e-3, "epochs": 2, "max_train": 1200}
 DECODER_SPECS: dict[str, dict[str, Any]] = {
     "adam-small": {"lr": 3e-4, "epochs": 1, "max_train": 1200},
-    "adam-large": {"lr": 1e-3, "epochs": 2, "max_train": 1200},
-    "adamr-l2-0.1": {
-        "lr": 1e-3,
-        "epochs": 2,
-        "max_train": 1200,
-        "optimizer": "adamr-l2",
-        "reg": 0.1,
-    },
+    "adam-large": _DLARGE,
+    "adamr-l2-0.01": {**_DLARGE, "optimizer": "adamr-l2", "reg": 0.01},
+    "adamr-l2-0.1": {**_DLARGE, "optimizer": "adamr-l2", "reg": 0.1},
+    "adamr-l2-1": {**_DLARGE, "optimizer": "adamr-l2", "reg": 1.0},
     # L1 at about L2 0.1's pull on these deltas (lambda_L1 ~ lambda_L2 * rms(d), and
     # L2 0.1 left rms 1.5e-4 on arith); 1e-4, the encoder's other value, pulls ~7x harder.
-    "adamr-l1-1e-5": {
-        "lr": 1e-3,
-        "epochs": 2,
-        "max_train": 1200,
-        "optimizer": "adamr-l1",
-        "reg": 1e-5,
-    },
+    "adamr-l1-1e-4": {**_DLARGE, "optimizer": "adamr-l1", "reg": 1e-4},
+    "adamr-l1-1e-5": {**_DLARGE, "optimizer": "adamr-l1", "reg": 1e-5},
+    "adamr-l1-1e-6": {**_DLARGE, "optimizer": "adamr-l1", "reg": 1e-6},
     "lora": {"lora": True, "rank": 8, "lr": 1e-3, "epochs": 1, "max_train": 1200},
 }
 # The CI check's fine-tune: the large-delta regime in as few step-seconds as possible.
@@ -215,14 +209,22 @@ class Setting:
     batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def row(self, method: str, p: float, values: list[float], seeds, **kw: Any) -> Row:
+        if self.lab.device.type != "cpu":  # rows without "device" ran on the CPU
+            kw["extra"] = {**kw.get("extra", {}), "device": _device_name(self.lab.device)}
         m, s = mean_std(values)
         return Row(
             self.base, self.lab.task.name, self.spec, method, p, m, s, list(seeds), values, **kw
         )
 
 
-def open_setting(base: BaseInfo, ft_dir: Path, task: Task, spec: str, budget: Budget) -> Setting:
-    lab = open_lab(base, ft_dir, task, max_length=budget.max_length)
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+
+
+def open_setting(
+    base: BaseInfo, ft_dir: Path, task: Task, spec: str, budget: Budget, device: str = "auto"
+) -> Setting:
+    lab = open_lab(base, ft_dir, task, device=device, max_length=budget.max_length)
     return Setting(
         lab,
         slug(base.name),
@@ -467,11 +469,16 @@ def run_part(
     budget: Budget,
     rates: Iterable[float] = RATES,
     methods: Iterable[str] = METHODS,
+    device: str = "auto",
 ) -> list[Row]:
-    """Fine-tune (or reuse) one spec on one task, then every method at every rate."""
+    """Fine-tune (or reuse) one spec on one task, then every method at every rate.
+
+    ``device`` runs the fine-tune and the evaluations (``auto``: the GPU when there is one).
+    """
     work.mkdir(parents=True, exist_ok=True)
+    opts = {**opts, "device": device}
     ft_dir, _ = ensure_finetune(work, base, task, spec, opts, budget.max_length, budget.val)
-    st = open_setting(base, ft_dir, task, spec, budget)
+    st = open_setting(base, ft_dir, task, spec, budget, device)
     rows = reference_rows(st)
     append_rows(work, rows)
     todo = [(p, m) for p in rates for m in methods]
@@ -493,11 +500,14 @@ class Part:
     spec: str
     opts: dict[str, Any]
     budget: Budget
+    device: str = "auto"
 
 
 def _run_one(work: Path, base: BaseInfo, part: Part, rates, methods) -> list[Row]:
     task = load_task(part.task)
-    return run_part(work, base, task, part.spec, part.opts, part.budget, rates, methods)
+    return run_part(
+        work, base, task, part.spec, part.opts, part.budget, rates, methods, part.device
+    )
 
 
 @contextlib.contextmanager
@@ -577,13 +587,14 @@ class QuickResult:
         return self.gain >= 0.10 and self.gap <= 0.05
 
 
-def quick(work: Path, base: BaseInfo, task: Task, budget: Budget | None = None) -> QuickResult:
+def quick(
+    work: Path, base: BaseInfo, task: Task, budget: Budget | None = None, device: str = "auto"
+) -> QuickResult:
     """The CI reproduction: large-delta fine-tune, DARE vs DAREx-q at p in {0.9, 0.99}."""
     t0 = time.perf_counter()
     budget = budget or QUICK_BUDGET
-    rows = run_part(
-        work, base, task, "quick", QUICK_SPEC, budget, (0.9, 0.99), ("dare", "darex_q/labeled")
-    )
+    rates, methods = (0.9, 0.99), ("dare", "darex_q/labeled")
+    rows = run_part(work, base, task, "quick", QUICK_SPEC, budget, rates, methods, device)
     cell = {(r.method, r.p): r for r in rows}
     unpruned = cell[("unpruned", 0.0)].mean
     dare99, dx99 = cell[("dare", 0.99)].mean, cell[("darex_q/labeled", 0.99)].mean

@@ -29,7 +29,7 @@ from pruning.methods import dare, method_for, prune_tensor
 from pruning.recommend import DeltaStats, delta_stats, merge_stats
 from pruning.select import default_patterns
 from pruning.sparse import SparseDelta
-from server.evaluation import load_finetuned, predict, reference
+from server.evaluation import load_finetuned, pick_device, predict, reference
 from storage.bases import BaseInfo, safetensors_files
 from storage.tasks import Example, Task
 
@@ -76,6 +76,11 @@ class Lab:
     def params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.model.named_parameters())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs; the weights and the pruning stay on the CPU."""
+        return next(self.model.parameters()).device
+
     def delta(self, name: str) -> torch.Tensor:
         return self.ft_w[name] - self.base_w[name]
 
@@ -90,11 +95,12 @@ class Lab:
     def apply(self, pruned: Pruned, factor: float = 1.0) -> None:
         """``W = W_base + factor * sparse(d)`` for every pruned parameter."""
         params = self.params
+        dev = self.device
         for n in self.pruned_names:
             sd = pruned[n]
-            w = self.base_w[n].clone()
+            w = self.base_w[n].to(dev, copy=True)
             vals = sd.values.float() if factor == 1.0 else sd.values.float() * factor
-            w.view(-1).index_add_(0, sd.indices, vals)
+            w.view(-1).index_add_(0, sd.indices.to(dev), vals.to(dev))
             params[n].data.copy_(w)
 
     @torch.no_grad()
@@ -172,8 +178,14 @@ class Lab:
         return total
 
 
-def open_lab(base: BaseInfo, ft_dir: Path | str, task: Task, **kw: Any) -> Lab:
-    """Load the fine-tune in ``ft_dir`` (a full checkpoint) next to its base's weights."""
+def open_lab(
+    base: BaseInfo, ft_dir: Path | str, task: Task, device: str = "auto", **kw: Any
+) -> Lab:
+    """Load the fine-tune in ``ft_dir`` (a full checkpoint) next to its base's weights.
+
+    The model runs on ``device`` (``auto``: the GPU when there is one); the base and
+    fine-tuned weights stay on the CPU, where the masks are drawn, so a mask is the one
+    ``darex add`` stores whatever the device."""
     model, tokenizer = load_finetuned(ft_dir, device="cpu")
     lora = (Path(ft_dir) / "adapter_config.json").is_file()
     if lora:  # W = W_base + B @ A * scaling: the LoRA delta, dense, on the targeted linears
@@ -193,6 +205,7 @@ def open_lab(base: BaseInfo, ft_dir: Path | str, task: Task, **kw: Any) -> Lab:
             pruned.append(n)
     if not pruned:
         raise ValueError(f"{ft_dir}: no parameter matches the base {base.name}")
+    model.to(pick_device(device))
     log.info("lab %s: %d pruned tensors", task.name, len(pruned), extra={"model_id": str(ft_dir)})
     return Lab(model, tokenizer, task, base.arch, base_w, ft_w, names, pruned, **kw)
 

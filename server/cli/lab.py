@@ -72,6 +72,9 @@ def reproduce(
     jobs: int = typer.Option(
         1, "--jobs", "-j", min=1, help="Settings run side by side (worker processes)."
     ),
+    device: str = typer.Option(
+        "auto", help="Where fine-tunes and evaluations run: auto (the GPU if any), cpu, cuda."
+    ),
 ) -> None:
     """Fine-tune, prune with every method at every rate, evaluate; tables and plots.
 
@@ -81,11 +84,18 @@ def reproduce(
     from storage.bases import resolve_base
     from storage.tasks import list_tasks, load_task
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r}: use auto, cpu or cuda", param_hint="--device")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("no CUDA device here; use auto or cpu", param_hint="--device")
     s = get_settings()
     t0 = time.perf_counter()
     info = resolve_base(base, s.data_dir)
     if quick:
-        res = rp.quick(work / "quick", info, load_task("rt-sentiment"))
+        res = rp.quick(work / "quick", info, load_task("rt-sentiment"), device=device)
         console.print(_rows_table(res.rows, f"darex reproduce --quick ({res.seconds:.0f} s)"))
         console.print(
             f"p=0.99: DAREx-q - DARE = {100 * res.gain:+.1f} points (need >= +10), "
@@ -121,6 +131,7 @@ def reproduce(
                 spec,
                 specs[spec],
                 rp.grid_budget(rp.slug(info.name), task, test, val, max_length),
+                device,
             )
             for task in only or rp.TASKS[info.name if info.name in rp.TASKS else "minilm-l6"]
             for spec in part or list(specs)

@@ -134,6 +134,46 @@ def test_every_method_gives_a_row(
     assert rp.backfill_val(tmp_path / "w", base, load_task(task), spec, budget) == []
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_the_grid_on_cuda_draws_the_cpu_masks_and_agrees_with_the_cpu(
+    arch: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """``device="cuda"``: the fine-tune and the evaluations run on the GPU, the masks are
+    the CPU's (the stored ones), the evaluated weights are the CPU's bit for bit, and each
+    method's metric is the CPU's (one example of slack per seed for float noise; the
+    searched q's can land elsewhere on a tie, so those are only range-checked)."""
+    encoder = arch == "encoder"
+    folder, name = (tiny_bert_dir, "rt-sentiment") if encoder else (tiny_llama_dir, "arith")
+    base, task = resolve_base(folder, tmp_path), load_task(name)
+    budget = rp.Budget(test=16, val=8, calib=4, max_length=32, seeds=(0, 1))
+    opts = {**TINY, "max_train": 32}
+    rows = rp.run_part(tmp_path / "w", base, task, "adam", opts, budget, (0.9,), device="cuda")
+    gpu = {r.method: r for r in rows if r.p == 0.9}
+    assert {r.extra.get("device") for r in rows} == {torch.cuda.get_device_name(0)}
+    ft = tmp_path / "w" / rp.slug(base.name) / name / "adam"
+    assert json.loads((ft / RESULT_FILE).read_text())["settings"]["device"].startswith("cuda")
+    cpu = rp.open_setting(base, ft, task, "adam", budget, "cpu")
+    for m in rp.METHODS:
+        want, got = rp.run_method(cpu, m, 0.9), gpu[m]
+        assert "device" not in want.extra and got.stored_bytes == want.stored_bytes, m
+        if m in ("darex_q/labeled", "darex_q/outchange"):
+            assert 0.1 - 1e-9 <= got.q <= 1.0, got
+        else:
+            assert (got.q is None) == (want.q is None), m
+            if want.q is not None:
+                assert got.q == pytest.approx(want.q, rel=1e-4), m
+            pairs = zip(got.values, want.values, strict=True)
+            assert all(abs(a - b) <= 1 / 16 + 1e-9 for a, b in pairs), m
+    on_gpu = open_lab(base, ft, task, device="cuda")
+    masks = on_gpu.dare_masks(0.9, seed=0)
+    on_gpu.apply(masks, factor=0.5)
+    cpu.lab.apply(masks, factor=0.5)
+    for n in cpu.lab.pruned_names:
+        assert torch.equal(on_gpu.params[n].detach().cpu(), cpu.lab.params[n].detach()), n
+
+
 def test_grid_budgets_are_the_ones_the_report_ran_and_options_override_them() -> None:
     b = rp.grid_budget("minilm-l6", "convention-party")
     assert (b.test, b.val, b.max_length) == (500, 200, 64)
