@@ -135,7 +135,9 @@ class Engine:
 
         Explicit arguments win over ``settings`` (a ``server.settings.Settings``).
         """
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        from storage.predict import load_tokenizer
 
         def pick(value: Any, field: str, default: Any) -> Any:
             if value is not None:
@@ -147,9 +149,7 @@ class Engine:
         kind: Kind = "causal-lm" if base.arch == "decoder" else "encoder"
         auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
         model = auto.from_pretrained(str(base.path), dtype=dt)
-        tok = AutoTokenizer.from_pretrained(str(base.path))
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        tok = load_tokenizer(base.path)
         return cls(
             model,
             tok,

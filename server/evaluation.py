@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from storage.predict import DEFAULT_MAX_LENGTH, eos_id, pad_id, predict, reference
+from storage.predict import DEFAULT_MAX_LENGTH, eos_id, load_tokenizer, pad_id, predict, reference
 from storage.tasks import Task, load_task
 
 __all__ = [  # predict and its helpers live in storage.predict (ingest uses them too)
@@ -38,7 +38,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_finetuned(path: Path | str, device: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) of a folder written by ``finetune`` (full or LoRA)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = Path(path)
     cfg_file = path / (
@@ -61,7 +61,7 @@ def load_finetuned(path: Path | str, device: str = "auto") -> tuple[Any, Any]:
             else AutoModelForCausalLM
         )
     model = cls.from_pretrained(path, dtype=torch.float32).to(pick_device(device)).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
 
 
 def evaluate(
@@ -90,9 +90,7 @@ def evaluate(
     else:
         model = model_dir_or_model
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+            tokenizer = load_tokenizer(model.name_or_path)
     was_training = model.training
     model.eval()
     exs = task.split(split)[:limit] if limit else task.split(split)

@@ -186,7 +186,7 @@ def open_lab(
     The model runs on ``device`` (``auto``: the GPU when there is one); the base and
     fine-tuned weights stay on the CPU, where the masks are drawn, so a mask is the one
     ``darex add`` stores whatever the device."""
-    model, tokenizer = load_finetuned(ft_dir, device="cpu")
+    model, tokenizer = load_finetuned(ft_dir, device="cpu")  # with a pad token
     lora = (Path(ft_dir) / "adapter_config.json").is_file()
     if lora:  # W = W_base + B @ A * scaling: the LoRA delta, dense, on the targeted linears
         model = model.merge_and_unload()

@@ -37,7 +37,7 @@ from pruning.errors import PruningError
 from pruning.methods import dare_indices
 from pruning.q import search_q_global
 from storage.checkpoint import open_checkpoint
-from storage.predict import predict, reference
+from storage.predict import load_tokenizer, predict, reference
 from storage.qsearch import parameter_for
 from storage.tasks import Example, Task
 
@@ -231,9 +231,7 @@ def _load(finetuned: Path, base_path: Path, arch: str, lora: bool) -> tuple[Any,
         (d for d in (folder, base_path) if any((d / f).is_file() for f in _TOKENIZER_FILES)),
         base_path,
     )
-    tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(tok_dir)
     return model, tok
 
 

@@ -18,6 +18,17 @@ from storage.tasks import Example, Task
 DEFAULT_MAX_LENGTH = 64  # tokens per example, as in training
 
 
+def load_tokenizer(path: Any) -> Any:
+    """The ``AutoTokenizer`` in ``path`` with a pad token (its own, else EOS): batches of
+    several texts are padded, and some conversions (a GGUF's) leave none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def pad_id(tokenizer: Any, model: Any) -> int:
     """The tokenizer's pad token, else EOS, else 0."""
     for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.eos_token_id, 0):

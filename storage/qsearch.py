@@ -24,6 +24,7 @@ import torch
 
 from pruning.errors import PruningError
 from pruning.q import output_change_score, search_q_global
+from storage.predict import load_tokenizer
 
 BATCH = 8
 MAX_TEXTS = 64  # 8 batches: a few hundred tokens per batch on CPU
@@ -61,9 +62,7 @@ def _finetuned(
 
     cls = transformers.AutoModelForCausalLM if arch == "decoder" else transformers.AutoModel
     model = cls.from_pretrained(str(base_path), dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(base_path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(base_path)
     own = dict(model.named_parameters())
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
     mapped: dict[str, torch.Tensor] = {}

@@ -173,17 +173,15 @@ def inspect(
 
 
 def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> list[dict]:
-    from transformers import AutoTokenizer
 
+    from storage.predict import load_tokenizer
     from storage.qsearch import read_calib_texts
 
     lines = read_calib_texts(path.read_text())[:n]
     if not lines:
         raise typer.BadParameter(f"{path} holds no calibration text")
     tok_dir = next((d for d in tok_dirs if (d / "tokenizer_config.json").is_file()), tok_dirs[-1])
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(tok_dir)
     out = []
     for i in range(0, len(lines), 8):
         enc = tok(

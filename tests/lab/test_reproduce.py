@@ -174,6 +174,28 @@ def test_the_grid_on_cuda_draws_the_cpu_masks_and_agrees_with_the_cpu(
         assert torch.equal(on_gpu.params[n].detach().cpu(), cpu.lab.params[n].detach()), n
 
 
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A conversion can leave a tokenizer without a pad token (transformers 5.17's GGUF
+    reader does for SmolLM2): the grid's calibration batches pad with EOS, not fail."""
+    from transformers import AutoTokenizer
+
+    base, task = resolve_base(tiny_llama_dir, tmp_path), load_task("arith")
+    opts = {**TINY, "max_train": 32}
+    ft, _ = rp.ensure_finetune(tmp_path / "w", base, task, "adam", opts, max_length=32)
+    tok = AutoTokenizer.from_pretrained(ft)
+    tok.pad_token, tok.eos_token = None, "[SEP]"
+    tok.save_pretrained(ft)
+    assert AutoTokenizer.from_pretrained(ft).pad_token is None
+    budget = rp.Budget(test=4, val=4, calib=4, max_length=32, seeds=(0,))
+    st = rp.open_setting(base, ft, task, "adam", budget, "cpu")
+    assert st.lab.tokenizer.pad_token == "[SEP]"
+    for m in ("wanda", "darex_q/outchange"):
+        row = rp.run_method(st, m, 0.9)
+        assert len(row.values) == 1 and row.stored_bytes > 0, row
+
+
 def test_grid_budgets_are_the_ones_the_report_ran_and_options_override_them() -> None:
     b = rp.grid_budget("minilm-l6", "convention-party")
     assert (b.test, b.val, b.max_length) == (500, 200, 64)
