@@ -44,8 +44,9 @@ def best_method(cells: dict[tuple[str, float], Row], p: float) -> tuple[str, flo
     return m, mean
 
 
-def finetune_line(rec: dict, eval_s: float) -> str:
-    """How the fine-tune was made (from its ``darex_finetune.json``) and what it cost."""
+def finetune_line(rec: dict, eval_s: float, device: str | None = None) -> str:
+    """How the fine-tune was made (from its ``darex_finetune.json``) and what it cost
+    (on ``device`` when it names one: the rows of a GPU run do)."""
     s = rec.get("settings", {})
     how = "LoRA r={}".format(s.get("rank")) if s.get("lora") else s.get("optimizer", "adam")
     if s.get("reg"):
@@ -54,7 +55,7 @@ def finetune_line(rec: dict, eval_s: float) -> str:
         f"fine-tune: {how}, lr {s.get('lr', 0):g}, {rec.get('steps')} steps of "
         f"{s.get('batch_size')} on {rec.get('train_examples')} examples, "
         f"{s.get('max_length')} tokens: {rec.get('seconds', 0):.0f} s; "
-        f"evaluations {eval_s:.0f} s"
+        f"evaluations {eval_s:.0f} s" + (f" (on {device})" if device else "")
     )
 
 
@@ -68,7 +69,8 @@ def table(rows: list[Row], finetune: dict | None = None) -> list[str]:
     if finetune:
         # the reference pair shares one timing; count it once
         eval_s = sum(r.seconds for r in rows if r.method != "base")
-        lines += [finetune_line(finetune, eval_s), ""]
+        device = next((r.extra["device"] for r in rows if "device" in r.extra), None)
+        lines += [finetune_line(finetune, eval_s, device), ""]
     if ref:
         x = ref.extra
         lines.append(

@@ -352,3 +352,24 @@ def test_comparing_on_validation_picks_the_best_validation_metric() -> None:
     assert any("| rt-sentiment/x | 0.99 |" in ln and ln.endswith(" - | |") for ln in hits.lines)
     md = "\n".join(rr.tables_markdown(rows))
     assert "compared with magnitude and WANDA on the same examples" in md and ": 2/2," in md
+
+
+def test_the_report_names_the_device_a_setting_ran_on() -> None:
+    """Rows of a GPU run carry the device; the setting's line says where its seconds went."""
+    rec = {
+        "settings": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "max_length": 64},
+        "steps": 150,
+        "train_examples": 1200,
+        "seconds": 112,
+    }
+
+    def rows(device: str | None) -> list[rp.Row]:
+        extra = {"device": device} if device else {}
+        return [
+            rp.Row("b", "t", "s", m, p, 0.5, 0.0, [0], [0.5], seconds=10, extra=dict(extra))
+            for m, p in (("unpruned", 0.0), ("dare", 0.9))
+        ]
+
+    on_gpu, on_cpu = rr.table(rows("NVIDIA H200"), rec)[0], rr.table(rows(None), rec)[0]
+    assert on_gpu.endswith(": 112 s; evaluations 20 s (on NVIDIA H200)"), on_gpu
+    assert on_cpu.endswith(": 112 s; evaluations 20 s"), on_cpu
