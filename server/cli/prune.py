@@ -173,7 +173,6 @@ def inspect(
 
 
 def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> list[dict]:
-
     from storage.predict import load_tokenizer
     from storage.qsearch import read_calib_texts
 

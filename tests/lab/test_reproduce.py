@@ -247,6 +247,13 @@ def test_parts_run_side_by_side_and_a_failing_part_does_not_stop_the_others(
         (["--part", "adam-huge"], "--part", "adam-large"),
         (["--methods", "dare,random"], "--methods", "darex_q/labeled"),
         (["--only", "imdb"], "--only", "rt-subjectivity"),
+        (["--device", "gpu"], "--device", "use auto, cpu or cuda"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device",
+            "no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here"),
+        ),
     ],
 )
 def test_reproduce_refuses_unknown_names_before_any_work(
