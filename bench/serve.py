@@ -99,7 +99,9 @@ def run_sequential(
 
 
 def load_base(quick: bool, base: str, data_dir: Path) -> tuple[torch.nn.Module, object, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from storage.predict import load_tokenizer
 
     if quick:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -112,10 +114,7 @@ def load_base(quick: bool, base: str, data_dir: Path) -> tuple[torch.nn.Module, 
 
         path = resolve_base(base, data_dir).path
         name = Path(base).name
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(path), tok, name
+    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path), name
 
 
 def main() -> None:

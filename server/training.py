@@ -105,13 +105,11 @@ class FinetuneResult:
 
 
 def _load_model(base: BaseInfo, task: Task, opts: FinetuneOptions) -> tuple[Any, Any]:
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    from storage.predict import load_tokenizer
+
+    tokenizer = load_tokenizer(base.path)
     torch.manual_seed(opts.seed)  # the new classification head starts the same for a seed
     if task.kind == "generation":
         if base.arch != "decoder":
