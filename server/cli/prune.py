@@ -174,20 +174,13 @@ def inspect(
 
 def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> list[dict]:
     from storage.predict import load_tokenizer
-    from storage.qsearch import read_calib_texts
+    from storage.qsearch import read_calib_texts, text_batches
 
     lines = read_calib_texts(path.read_text())[:n]
-    if not lines:
+    if not any(t.strip() for t in lines):
         raise typer.BadParameter(f"{path} holds no calibration text")
     tok_dir = next((d for d in tok_dirs if (d / "tokenizer_config.json").is_file()), tok_dirs[-1])
-    tok = load_tokenizer(tok_dir)
-    out = []
-    for i in range(0, len(lines), 8):
-        enc = tok(
-            lines[i : i + 8], return_tensors="pt", padding=True, truncation=True, max_length=max_len
-        )
-        out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
-    return out
+    return text_batches(load_tokenizer(tok_dir), lines, max_len, limit=None)
 
 
 def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
