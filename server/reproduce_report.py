@@ -208,14 +208,13 @@ def recommend_hits(rows: Sequence[Row], tol: float = 0.01) -> Hits:
             if cmp is None:
                 lines.append(row + " - | |")
                 continue
-            for name, cell in (("compare", cells[(cmp, r.p)]), ("labels", lab_cell)):
+            cmp_cell = cells[(cmp, r.p)]
+            for name, cell in (("compare", cmp_cell), ("labels", lab_cell)):
                 paired[name][0] += cell.mean >= best[1] - tol
                 paired[name][1] += 1
                 paired[name][2] += best[1] - cell.mean
-            hit = cells[(cmp, r.p)].mean >= best[1] - tol
-            lines.append(
-                row + f" {cmp} {100 * cells[(cmp, r.p)].mean:.1f} | {'yes' if hit else 'no'} |"
-            )
+            hit = cmp_cell.mean >= best[1] - tol
+            lines.append(row + f" {cmp} {100 * cmp_cell.mean:.1f} | {'yes' if hit else 'no'} |")
     policies = {}
     for name in POLICIES:
         fit, held = tuple(counts[(name, False)]), tuple(counts[(name, True)])
