@@ -290,6 +290,38 @@ def test_outchange_q_is_scored_on_the_masks_the_grid_evaluates(work, monkeypatch
         assert torch.equal(drawn.indices, masks[n].indices), n
 
 
+def test_a_searched_q_of_1_minus_p_reuses_dares_evaluations_and_gets_its_values(
+    work, monkeypatch
+) -> None:
+    """DAREx-q with q = 1-p applies DARE's weights bit for bit: its test metrics are DARE's,
+    looked up rather than evaluated again; any other q is evaluated."""
+    from pruning.q import QSearch
+
+    w, base, task, _ = work
+    st = rp.open_setting(base, w / rp.slug(base.name) / task.name / "tiny", task, "tiny", BUDGET)
+    calls: list[float] = []
+    real = st.lab.metric_with
+
+    def counted(pruned, exs, factor=1.0):
+        if exs is st.test:
+            calls.append(factor)
+        return real(pruned, exs, factor)
+
+    monkeypatch.setattr(st.lab, "metric_with", counted)
+    dare = rp.run_method(st, "dare", 0.9)
+    assert calls == [1.0, 1.0]  # one test evaluation per seed
+    q = 1.0 - 0.9
+    monkeypatch.setattr(rp, "search_q_global", lambda *a, **k: QSearch(q, 0.5, ((q, 0.5),)))
+    calls.clear()
+    dx = rp.run_method(st, "darex_q/labeled", 0.9)
+    assert calls == [] and dx.values == dare.values and dx.q == q
+    fresh = [real(st.lab.dare_masks(0.9, s), st.test, (1.0 - 0.9) / q) for s in BUDGET.seeds]
+    assert fresh == dare.values
+    monkeypatch.setattr(rp, "search_q_global", lambda *a, **k: QSearch(0.3, 0.5, ((0.3, 0.5),)))
+    rp.run_method(st, "darex_q/labeled", 0.9)
+    assert calls == [pytest.approx(1 / 3)] * 2  # another q: evaluated, per seed
+
+
 def test_recommend_hit_rate_counts_only_the_fitted_cells_in_sample() -> None:
     """The SmolLM2/arith adam-large cells at 0.9 and 0.99 set the threshold; the same
     setting at a rate run later (0.5) is a held-out cell, and so is any other setting.
