@@ -41,6 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from server.api.auth import check_token
 from server.api.errors import describe, log_error
 from server.api.routes.openai import render_chat
 from server.api.schemas import (
@@ -51,7 +52,7 @@ from server.api.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
 )
-from server.errors import InvalidRequest, NotReady
+from server.errors import InvalidRequest, NotReady, Unauthorized
 from server.generation import SamplingParams
 from server.replicas import replica_watcher
 from server.settings import Settings
@@ -238,10 +239,24 @@ _ROUTES = {
 class DarexIngress:
     """HTTP front: reads ``model`` from the JSON body and routes by it."""
 
-    def __init__(self, replica: Any) -> None:
+    def __init__(self, replica: Any, api_key: str | None = None) -> None:
         self.replica = replica
+        self.api_key = api_key  # DAREX_API_KEY: the bearer every /v1 request must carry
+
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """401 in the OpenAI error shape when a key is set and the request lacks it."""
+        if self.api_key is None:
+            return None
+        try:
+            check_token(request, self.api_key, "/v1")
+        except Unauthorized as e:
+            status, err = describe(e)
+            return JSONResponse(err, status_code=status, headers={"WWW-Authenticate": "Bearer"})
+        return None
 
     async def _route(self, kind: str, request: Request) -> JSONResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             body = await request.json()
         except ValueError:
@@ -276,7 +291,9 @@ class DarexIngress:
         return await self._route("embeddings", request)
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> Any:
+        if (refused := self._refused(request)) is not None:
+            return refused
         ids = await self.replica.models.remote()
         return {"object": "list", "data": [{"id": m, "object": "model"} for m in ids]}
 
@@ -300,8 +317,11 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     args = dict(args or {})
     num_replicas = int(args.pop("num_replicas", 1))
     actor = {"num_cpus": float(args.pop("num_cpus", 1)), "num_gpus": float(args.pop("num_gpus", 0))}
+    key = Settings(**args).api_key  # the replicas' settings: arguments over DAREX_* variables
     replica = DarexReplica.options(num_replicas=num_replicas, ray_actor_options=actor).bind(args)
-    return DarexIngress.options(ray_actor_options={"num_cpus": 0}).bind(replica)
+    return DarexIngress.options(ray_actor_options={"num_cpus": 0}).bind(
+        replica, key.get_secret_value() if key is not None else None
+    )
 
 
 app = build_app()

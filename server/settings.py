@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "change-me"
@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port of `darex serve`.")
     log_level: str = Field("INFO", description="Python logging level.")
     log_json: bool = Field(True, description="One JSON object per log line.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, v: object) -> object:
+        """``DAREX_API_KEY=`` (as in an .env with the value left blank) means no key; else
+        it would demand an empty bearer token, which no client can send."""
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value()
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     def check_serving(self) -> None:
         """Refuse to serve with the default admin token outside development.

@@ -17,6 +17,8 @@ serve = pytest.importorskip("ray.serve")
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"cls-a": ["negative", "positive"], "cls-b": ["sports", "politics", "science"]}
+API_KEY = "ray-inference-key-0123456789"
+KEY = {"Authorization": f"Bearer {API_KEY}"}
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +73,7 @@ def ray_url(store_dir: dict, tiny_bert_dir: Path) -> Iterator[str]:
                     "device": "cpu",
                     "dtype": "float32",
                     "env": "development",
+                    "api_key": API_KEY,
                 }
             )
             serve.run(target, blocking=False, name="darex")
@@ -80,8 +83,11 @@ def ray_url(store_dir: dict, tiny_bert_dir: Path) -> Iterator[str]:
             ray.shutdown()
 
 
-def _classify(url: str, model: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/classify", json={"model": model, "input": TEXTS}, timeout=60)
+def _classify(url: str, model: str, headers: dict | None = None) -> httpx.Response:
+    body = {"model": model, "input": TEXTS}
+    return httpx.post(
+        f"{url}/v1/classify", json=body, headers=KEY if headers is None else headers, timeout=60
+    )
 
 
 def test_each_model_id_gets_its_own_finetune(ray_url: str, store_dir: dict) -> None:
@@ -111,7 +117,8 @@ def test_unknown_model_is_404_with_openai_error(ray_url: str) -> None:
 
 
 def test_models_lists_base_and_registry(ray_url: str, tiny_bert_dir: Path) -> None:
-    ids = [m["id"] for m in httpx.get(f"{ray_url}/v1/models", timeout=30).json()["data"]]
+    models = httpx.get(f"{ray_url}/v1/models", headers=KEY, timeout=30).json()
+    ids = [m["id"] for m in models["data"]]
     assert ids == [str(tiny_bert_dir), *sorted(LABELS)]
 
 
@@ -122,3 +129,16 @@ def test_multiplexing_keeps_a_model_on_the_replica_that_holds_it(ray_url: str) -
     for model in LABELS:
         seen = {_classify(ray_url, model).headers["x-darex-replica"] for _ in range(4)}
         assert len(seen) == 1, f"{model} bounced between replicas {seen}"
+
+
+def test_inference_needs_the_api_key_when_one_is_set(ray_url: str) -> None:
+    """DAREX_API_KEY guards the Ray app's /v1 routes as it guards `darex serve`'s."""
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer"}):
+        r = _classify(ray_url, "cls-a", headers)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers.get("www-authenticate") == "Bearer"
+        m = httpx.get(f"{ray_url}/v1/models", headers=headers, timeout=30)
+        assert m.status_code == 401, m.text
+    assert _classify(ray_url, "cls-a").status_code == 200
+    assert httpx.get(f"{ray_url}/healthz", timeout=30).status_code == 200  # operations stay open

@@ -66,6 +66,22 @@ def test_inference_api_key_when_set(url: str, category) -> None:
     assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # operations stay open
 
 
+def test_an_empty_api_key_leaves_inference_open(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, category
+) -> None:
+    """``DAREX_API_KEY=`` (a blank line of an .env) is no key, not a demand for an empty
+    bearer token that no client can send."""
+    category("security/api-key")
+    from server.settings import Settings
+
+    monkeypatch.setenv("DAREX_API_KEY", "")
+    assert Settings().api_key is None
+    assert Settings(api_key="  ").api_key is None
+    assert Settings(api_key=API_KEY).api_key.get_secret_value() == API_KEY
+    with serve_in_thread(tmp_path, tiny_llama_dir, api_key="") as (u, _):
+        assert httpx.get(f"{u}/v1/models", timeout=30).status_code == 200
+
+
 def test_default_admin_token_refused_in_production(
     tmp_path: Path, tiny_llama_dir, category
 ) -> None:
