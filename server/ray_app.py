@@ -19,7 +19,8 @@ each runs a ``RegistryWatcher`` so deletes made anywhere are honoured.
 Start it with ``serve run server.ray_app:app`` (settings from ``DAREX_*``),
 ``serve run server.ray_app:build_app num_replicas=2``, or ``darex serve --ray``
 (``serve_ray``). Uploads and deletes go through a plain ``darex serve`` replica
-or ``darex store`` against the same registry; this app serves inference.
+or ``darex add`` / ``darex rm`` against the same registry; this app serves inference
+(``DAREX_API_KEY``, when set, guards its ``/v1`` routes).
 """
 
 import asyncio
