@@ -5,9 +5,11 @@ one batch, then a decode loop that feeds one token per live row and reuses the
 KV cache. Rows that finish (EOS, stop string, ``max_tokens``, cancelled) leave
 the batch: their cache rows are dropped, so the remaining rows run narrower.
 
-Sampling of row ``i`` at a step: ``argmax(logits)`` when ``temperature <= 0``,
-else a draw from ``softmax(logits / temperature)`` restricted to the smallest
-top-p nucleus, using the row's own ``torch.Generator`` seeded by the request.
+Sampling of row ``i`` at a step: ``argmax(logits)`` when ``temperature <
+MIN_TEMPERATURE`` (0 included), else a draw from ``softmax(logits / temperature)``
+restricted to the smallest top-p nucleus, using the row's own ``torch.Generator``
+seeded by the request. A row whose step raises fails alone when it has a ``fail``
+callback; the other rows of the batch go on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# Below this, sampling is argmax: softmax(logits / T) is one-hot to float precision for
+# any logit gap that matters, and logits / T would overflow to inf (then NaN) as T -> 0.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Row:
     text: str = ""  # text sent so far
     generator: torch.Generator | None = None
     done: bool = False
+    fail: Callable[[BaseException], None] | None = None  # None: a row's error ends the batch
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -78,7 +85,7 @@ def _cache_arg(model) -> str:
 def _sample(logits: torch.Tensor, row: Row) -> int:
     """One next token for a row from its last-position logits (V,)."""
     p = row.params
-    if p.temperature <= 0:
+    if p.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / p.temperature, dim=-1)
     if p.top_p < 1.0:
@@ -131,6 +138,27 @@ def _finish(row: Row, reason: str) -> None:
     )
 
 
+def _step(row: Row, logits: torch.Tensor, tokenizer, eos_ids: set[int], max_pos: int) -> int | None:
+    """Sample, emit and maybe finish one row; the token to feed next, None when it finished."""
+    tok = _sample(logits, row)
+    if tok in eos_ids:
+        _advance_text(row, tokenizer, final=True)
+        _finish(row, "stop")
+        return None
+    row.generated.append(tok)
+    reason = _advance_text(row, tokenizer, final=False)
+    if reason is None and len(row.generated) >= row.params.max_tokens:
+        _advance_text(row, tokenizer, final=True)
+        reason = "length"
+    if reason is None and len(row.prompt) + len(row.generated) >= max_pos:
+        _advance_text(row, tokenizer, final=True)
+        reason = "length"
+    if reason is not None:
+        _finish(row, reason)
+        return None
+    return tok
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, rows: Sequence[Row], device: torch.device) -> None:
     """Generate for every row together; each row's chunks go to its own ``emit``."""
@@ -173,24 +201,17 @@ def generate_batch(model, tokenizer, rows: Sequence[Row], device: torch.device) 
             if r.is_cancelled():
                 r.done = True
                 continue
-            tok = _sample(logits[j], r)
-            if tok in eos_ids:
-                _advance_text(r, tokenizer, final=True)
-                _finish(r, "stop")
+            try:
+                tok = _step(r, logits[j], tokenizer, eos_ids, max_pos)
+            except Exception as e:  # this row's own failure (a bad draw): it alone ends
+                if r.fail is None:
+                    raise
+                r.done = True
+                r.fail(e)
                 continue
-            r.generated.append(tok)
-            reason = _advance_text(r, tokenizer, final=False)
-            if reason is None and len(r.generated) >= r.params.max_tokens:
-                _advance_text(r, tokenizer, final=True)
-                reason = "length"
-            if reason is None and len(r.prompt) + len(r.generated) >= max_pos:
-                _advance_text(r, tokenizer, final=True)
-                reason = "length"
-            if reason is not None:
-                _finish(r, reason)
-                continue
-            nxt.append(tok)
-            keep.append(j)
+            if tok is not None:
+                nxt.append(tok)
+                keep.append(j)
         if not keep:
             return
         if len(keep) < len(live):  # finished rows leave the batch and free their cache rows

@@ -10,6 +10,12 @@ Results travel back through a per-request sink: an ``asyncio.Queue`` fed by
 ``loop.call_soon_threadsafe`` for the async API, a ``queue.Queue`` for the sync
 one. A cancelled request (client gone) is skipped if still queued and leaves
 its batch at the next decode step if running.
+
+Failures stay with their request where the batch allows it: a generation row
+whose own step raises fails alone while the others decode on, and a forward
+batch (classify, embed) that raises is rerun one request at a time, so only
+the request that broke it gets the error. A failure of the shared work itself
+(activating the model, a prefill or decode forward) reaches every request.
 """
 
 from __future__ import annotations
@@ -387,6 +393,7 @@ class Scheduler:
                 params=r.params or SamplingParams(),
                 emit=r.sink.put,
                 is_cancelled=lambda r=r: r.cancelled,
+                fail=lambda e, r=r: self._fail_one(r, e),
             )
             for r in batch
         ]
@@ -395,8 +402,30 @@ class Scheduler:
     def _forward(self, kind: Kind, batch: list[Request]) -> None:
         texts = [t for r in batch for t in r.payload]  # one forward for the whole batch
         fn = self.engine.classify if kind == "classify" else self.engine.embed
-        out = fn(texts)
+        try:
+            out = fn(texts)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            log.warning("forward batch failed; rerunning its requests one by one", exc_info=True)
+            for r in batch:  # only the request that broke the batch gets the error
+                if r.cancelled:
+                    continue
+                try:
+                    r.sink.put(fn(list(r.payload)))
+                except Exception as e:
+                    self._fail_one(r, e)
+            return
         i = 0
         for r in batch:
             r.sink.put(out[i : i + len(r.payload)])
             i += len(r.payload)
+
+    def _fail_one(self, req: Request, exc: BaseException) -> None:
+        log.error(
+            "request failed in its batch: %s",
+            exc,
+            exc_info=exc,
+            extra={"model_id": req.model_id, "request_ids": [req.request_id]},
+        )
+        req.sink.put(exc)

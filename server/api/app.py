@@ -4,6 +4,9 @@
 (tests, benches); whatever is missing is built from ``settings`` when the app
 starts: the base by ``storage.bases.resolve_base``, the store on the
 registry URL, the engine by ``Engine.load``, and one scheduler over it.
+
+Request bodies are capped at ``MAX_JSON_BYTES`` (413) before any route reads
+them, except uploads, which stream to disk under ``settings.max_upload_bytes``.
 """
 
 from __future__ import annotations
@@ -14,16 +17,73 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
-from server.api.errors import install_error_handlers
+from server.api.errors import describe, install_error_handlers, log_error
 from server.api.metrics import Metrics, RequestContextMiddleware
 from server.api.routes import admin, classify, health, openai
 from server.api.state import AppState
+from server.errors import PayloadTooLarge
 from server.replicas import with_replica_sync
 from server.scheduler import Scheduler
 from server.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+# Largest JSON request body (413 above it): about a million tokens of English text.
+MAX_JSON_BYTES = 4 << 20
+UPLOADS = {("POST", "/admin/models")}  # streamed by server.api.upload, under max_upload_bytes
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: a request body over ``max_bytes`` is a 413 before the app sees it.
+
+    ``Content-Length`` over the limit is refused at once; otherwise the body is read
+    here, counted as it arrives (chunked bodies too), and replayed to the app, which
+    reads JSON bodies whole anyway. Requests in ``UPLOADS`` pass through untouched.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"].rstrip("/")) in UPLOADS:
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"request body of {int(length)} bytes")
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # http.disconnect: nobody to answer
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, "request body")
+                return
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()  # e.g. http.disconnect while a response streams
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any, what: str) -> None:
+        exc = PayloadTooLarge(f"{what} exceeds the limit of {self.max_bytes} bytes")
+        status, body = describe(exc)
+        log_error(status, body, None)
+        await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
 def _open_parts(st: AppState) -> list[Any]:
@@ -101,6 +161,7 @@ def create_app(
     )
     app.state.darex = state
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_JSON_BYTES)  # inside the request id
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for r in (openai.router, classify.router, admin.router, health.router):
         app.include_router(r)

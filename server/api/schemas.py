@@ -8,6 +8,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.generation import SamplingParams
 
+MAX_INPUTS = 256  # texts in one /v1/classify or /v1/embeddings request
+
+
+def check_unicode(texts: str | list[str] | None, what: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (a lone surrogate such as ``\\ud800``).
+
+    JSON escapes can carry one; the tokenizer and the response encoder cannot.
+    """
+    items = [texts] if isinstance(texts, str) else (texts or [])
+    for i, t in enumerate(items):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = what if isinstance(texts, str) else f"{what}[{i}]"
+            raise ValueError(
+                f"{where} is not valid Unicode: contains a lone surrogate at character {e.start}"
+            ) from None
+
+
+def _check_inputs(v: str | list[str]) -> str | list[str]:
+    if isinstance(v, list) and not 1 <= len(v) <= MAX_INPUTS:
+        raise ValueError(f"a list of 1 to {MAX_INPUTS} texts, got {len(v)}")
+    check_unicode(v, "input")
+    return v
+
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat (OpenAI names and defaults)."""
@@ -33,6 +58,7 @@ class _Sampling(BaseModel):
             raise ValueError("at most 4 stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        check_unicode(v, "stop")
         return v
 
     def sampling(self, default_max: int) -> SamplingParams:
@@ -60,6 +86,7 @@ class CompletionRequest(_Sampling):
     def _prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not 1 <= len(v) <= 64:
             raise ValueError("a list of 1 to 64 prompts")
+        check_unicode(v, "prompt")
         return v
 
     @property
@@ -77,6 +104,12 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = ""
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        check_unicode([p.text for p in v] if isinstance(v, list) else v, "content")
+        return v
 
     @property
     def text(self) -> str:
@@ -162,9 +195,7 @@ class ClassifyRequest(BaseModel):
     @field_validator("input")
     @classmethod
     def _input(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and not 1 <= len(v) <= 256:
-            raise ValueError("a list of 1 to 256 texts")
-        return v
+        return _check_inputs(v)
 
     @property
     def texts(self) -> list[str]:
@@ -205,8 +236,13 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=200)
-    input: str | list[str]
+    input: str | list[str] = Field(description="One text or a list of up to 256.")
     encoding_format: Literal["float"] = "float"
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: str | list[str]) -> str | list[str]:
+        return _check_inputs(v)
 
     @property
     def texts(self) -> list[str]:

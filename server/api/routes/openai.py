@@ -3,6 +3,9 @@
 ``model`` is a model_id from the store, or the base's own id for the base.
 Chat prompts use the tokenizer's chat template when it has one; otherwise the
 fallback ``"<role>: <content>\\n"`` per message followed by ``"assistant:"``.
+A template that refuses the conversation (``raise_exception``, e.g. roles that
+must alternate) is a 422 on ``messages``. Tokenizing runs in a worker thread,
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -45,7 +48,14 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
         {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages
     ]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError  # chat templates are jinja2; transformers needs it too
+
+        try:
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # the template's raise_exception, e.g. roles must alternate
+            raise InvalidRequest(
+                f"messages: the chat template refused them: {e}", field="messages"
+            ) from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
     return encode_prompt(tokenizer, text)
@@ -73,7 +83,7 @@ async def completions(
     target, _ = await resolve_model(state, request, body.model, GENERATE, "/v1/completions")
     params = body.sampling(16)
     tok = state.engine.tokenizer
-    prompts = [encode_prompt(tok, p) for p in body.prompts]
+    prompts = await asyncio.to_thread(lambda: [encode_prompt(tok, p) for p in body.prompts])
     for ids in prompts:
         check_prompt(state, ids, params, "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -125,7 +135,7 @@ async def chat_completions(
 ):
     target, _ = await resolve_model(state, request, body.model, GENERATE, "/v1/chat/completions")
     params = body.sampling(state.settings.max_new_tokens)
-    ids = render_chat(state.engine.tokenizer, body.messages)
+    ids = await asyncio.to_thread(render_chat, state.engine.tokenizer, body.messages)
     check_prompt(state, ids, params, "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -181,7 +191,9 @@ async def embeddings(
     target, _ = await resolve_model(state, request, body.model, tasks, "/v1/embeddings")
     vecs = await sched.embed(target, body.texts)
     tok = state.engine.tokenizer
-    n = sum(len(tok(t, add_special_tokens=True)["input_ids"]) for t in body.texts)
+    n = await asyncio.to_thread(
+        lambda: sum(len(tok(t, add_special_tokens=True)["input_ids"]) for t in body.texts)
+    )
     data = [Embedding(index=i, embedding=v) for i, v in enumerate(vecs)]
     return EmbeddingResponse(
         model=body.model, data=data, usage={"prompt_tokens": n, "total_tokens": n}
