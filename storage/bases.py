@@ -152,14 +152,29 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
+    """``(data start, {tensor name: meta})`` of a safetensors file; ``BadCheckpoint`` naming
+    the file when its header is cut short, implausibly long, or not one JSON object."""
+    bad = f"{path} is not a readable safetensors file"
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise BadCheckpoint(f"{path}: truncated safetensors header")
+            raise BadCheckpoint(f"{bad}: truncated safetensors header")
         (n,) = struct.unpack("<Q", raw)
         if n > 100 << 20:
-            raise BadCheckpoint(f"{path}: safetensors header of {n} bytes is implausible")
-        header = json.loads(f.read(n))
+            raise BadCheckpoint(f"{bad}: safetensors header of {n} bytes is implausible")
+        text = f.read(n)
+    if len(text) != n:
+        raise BadCheckpoint(f"{bad}: header of {n} bytes, the file ends after {len(text)}")
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadCheckpoint(f"{bad}: header is not UTF-8 ({e})") from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise BadCheckpoint(f"{bad}: header is not JSON ({e})") from None
+    except RecursionError:
+        raise BadCheckpoint(f"{bad}: header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise BadCheckpoint(f"{bad}: header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
     return 8 + n, header
 

@@ -120,22 +120,18 @@ def open_checkpoint(path: Path | str | Sequence[Path | str]) -> Checkpoint:
         bad = [f for f in files if f.suffix != ".safetensors" or not f.is_file()]
         if bad:
             raise BadCheckpoint(f"not .safetensors files: {[str(b) for b in bad]}")
-        return Checkpoint(files, _read_config(files[0].parent))
+        return Checkpoint(files, read_config(files[0].parent))
     p = Path(path)
     _refuse_pickle([p])
     if p.is_file():
         if p.suffix != ".safetensors":
             raise BadCheckpoint(f"{p}: expected a .safetensors file or a HF model folder")
-        return Checkpoint([p], _read_config(p.parent))
+        return Checkpoint([p], read_config(p.parent))
     if not p.is_dir():
         raise BadCheckpoint(f"{p}: no such file or folder")
     index = p / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise BadCheckpoint(f"{index}: not a safetensors index ({e})") from e
-        files = [p / f for f in sorted(set(weight_map.values()))]
+        files = [p / f for f in _read_index(index)]
         missing = [f.name for f in files if not f.is_file() or f.parent != p]
         if missing:
             raise BadCheckpoint(f"{index} names missing shards {missing}")
@@ -144,22 +140,107 @@ def open_checkpoint(path: Path | str | Sequence[Path | str]) -> Checkpoint:
     if not files:
         _refuse_pickle(sorted(p.iterdir()))
         raise BadCheckpoint(f"{p} holds no .safetensors weights")
-    return Checkpoint(files, _read_config(p))
+    return Checkpoint(files, read_config(p))
 
 
-def _read_config(folder: Path) -> dict[str, Any] | None:
+def _parse_json(path: Path) -> Any:
+    """A small JSON file's value; ``ValueError`` saying why when it is not UTF-8 JSON (or
+    nests too deeply to parse)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 ({e})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _read_index(index: Path) -> list[str]:
+    """The shard file names of a ``model.safetensors.index.json`` (its ``weight_map``
+    values: tensor name -> shard file name), sorted, each once."""
+    try:
+        weight_map = _parse_json(index)["weight_map"]
+    except ValueError as e:  # json.JSONDecodeError too
+        raise BadCheckpoint(f"{index}: not a safetensors index (not JSON: {e})") from None
+    except (KeyError, TypeError):
+        raise BadCheckpoint(
+            f'{index}: not a safetensors index (no "weight_map" object in it)'
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise BadCheckpoint(
+            f'{index}: not a safetensors index ("weight_map" is a JSON '
+            f"{type(weight_map).__name__}, expected an object of tensor name -> shard file)"
+        )
+    odd = [k for k, v in weight_map.items() if not isinstance(v, str)]
+    if odd:
+        raise BadCheckpoint(
+            f'{index}: not a safetensors index ("weight_map" maps {_short(odd[:3])} to something '
+            "other than a shard file name)"
+        )
+    return sorted(set(weight_map.values()))
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """``config.json`` of a folder (None when there is none), checked by ``check_config``."""
     cfg = folder / "config.json"
     if not cfg.is_file():
         return None
     try:
-        out = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise BadCheckpoint(f"{cfg} is not JSON: {e}") from e
-    return out if isinstance(out, dict) else None
+        out = _parse_json(cfg)
+    except ValueError as e:  # json.JSONDecodeError too
+        raise BadCheckpoint(f"{cfg} is not JSON: {e}") from None
+    check_config(out, cfg.name)
+    return out
+
+
+def check_config(config: Any, source: str = "config.json") -> None:
+    """Refuse a HF config whose fields this package reads have the wrong shape: it must be
+    a JSON object, ``architectures`` a list of strings, ``id2label`` an object whose keys
+    are integers (``{"0": "negative", ...}``). ``BadCheckpoint`` says which."""
+    if not isinstance(config, dict):
+        raise BadCheckpoint(f"{source} is not a JSON object (it is a JSON {type(config).__name__})")
+    archs = config.get("architectures")
+    if archs is not None and not isinstance(archs, list):
+        raise BadCheckpoint(
+            f'{source}: "architectures" must be a list of class names, '
+            f"got a JSON {type(archs).__name__}"
+        )
+    if archs is not None and not all(isinstance(a, str) for a in archs):
+        raise BadCheckpoint(
+            f'{source}: "architectures" must be a list of strings (class names), '
+            f"got {_short(archs)}"
+        )
+    id2label = config.get("id2label")
+    if id2label is None:
+        return
+    if not isinstance(id2label, dict):
+        raise BadCheckpoint(
+            f'{source}: "id2label" must be an object of label index -> name '
+            f'({{"0": "negative", ...}}), got a JSON {type(id2label).__name__}'
+        )
+    bad = [k for k in id2label if not _is_int(k)]
+    if bad:
+        raise BadCheckpoint(
+            f'{source}: "id2label" keys must be integers (label indices), got {_short(bad[:3])}'
+        )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (it quotes an uploaded file)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(key: Any) -> bool:
+    try:
+        int(key)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def read_task(config: dict[str, Any] | None) -> tuple[str, list[str] | None]:
     """``(task, labels)`` from a HF config: the head named in ``architectures``."""
+    check_config(config or {})
     archs = (config or {}).get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         id2label = (config or {}).get("id2label") or {}

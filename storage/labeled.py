@@ -36,7 +36,7 @@ import torch
 from pruning.errors import PruningError
 from pruning.methods import dare_indices
 from pruning.q import search_q_global
-from storage.checkpoint import open_checkpoint
+from storage.checkpoint import open_checkpoint, read_config
 from storage.predict import load_tokenizer, predict, reference
 from storage.qsearch import parameter_for
 from storage.tasks import Example, Task
@@ -172,11 +172,14 @@ def label_indices(
 
 def check_against_config(rows: Sequence[Mapping[str, Any]], folder: Path) -> None:
     """Before any job: the rows' kind and label names against a full checkpoint's
-    ``config.json``; a folder without one (a LoRA adapter) is checked when it loads."""
-    cfg_file = Path(folder) / "config.json"
-    if not cfg_file.is_file():
+    ``config.json``; a folder without one (a LoRA adapter) is checked when it loads.
+
+    A config that is not readable JSON, or whose ``architectures`` / ``id2label`` have
+    the wrong shape, raises ``BadCheckpoint`` (``storage.checkpoint.check_config``);
+    rows that do not fit it raise ``PruningError``."""
+    cfg = read_config(Path(folder))
+    if cfg is None:
         return
-    cfg = json.loads(cfg_file.read_text())
     check_kind(rows, next(iter(cfg.get("architectures") or []), ""))
     if "label" in rows[0] and cfg.get("id2label"):
         label_indices(rows, label_names(cfg["id2label"], len(cfg["id2label"])))
@@ -216,7 +219,7 @@ def _load(finetuned: Path, base_path: Path, arch: str, lora: bool) -> tuple[Any,
                 "a labeled q search loads the fine-tune with its config: "
                 f"no config.json in {folder}"
             )
-        archs = json.loads(cfg_file.read_text()).get("architectures") or []
+        archs = (read_config(folder) or {}).get("architectures") or []
         if any(a.endswith("ForSequenceClassification") for a in archs):
             cls = transformers.AutoModelForSequenceClassification
         elif arch == "decoder":

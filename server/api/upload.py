@@ -5,6 +5,11 @@ knows no total limit; here the request body is fed chunk by chunk to
 ``python_multipart``'s streaming parser, every file part is written to disk as
 it arrives, and the upload stops with ``PayloadTooLarge`` the moment the body
 passes ``max_bytes`` (or at once when ``Content-Length`` already says so).
+
+A body that is not multipart (the parser's ``MultipartParseError``) or that ends
+before its closing boundary (the parser does not check that itself) is refused with
+``InvalidRequest`` on ``files``; either way every file opened so far is closed and the
+temp folder removed.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.errors import InvalidRequest, PayloadTooLarge
@@ -75,6 +81,7 @@ async def receive_upload(
     cur = _Part()
     hdr_field, hdr_value = bytearray(), bytearray()
     parts = 0
+    ended = False  # the closing boundary was read
     errors: list[Exception] = []
 
     def on_part_begin() -> None:
@@ -118,6 +125,10 @@ async def receive_upload(
         elif cur.name:
             up.fields[cur.name] = cur.value.decode("utf-8", "replace")
 
+    def on_end() -> None:
+        nonlocal ended
+        ended = True
+
     def guard(fn):  # parser callbacks must not raise through the C-less parser state
         def wrapped(*a):
             if not errors:
@@ -136,6 +147,7 @@ async def receive_upload(
         "on_headers_finished": guard(on_headers_finished),
         "on_part_data": guard(on_part_data),
         "on_part_end": guard(on_part_end),
+        "on_end": guard(on_end),
     }
     parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
     try:
@@ -143,7 +155,7 @@ async def receive_upload(
             up.nbytes += len(chunk)
             if up.nbytes > max_bytes:
                 raise PayloadTooLarge(f"upload exceeds {max_bytes} bytes")
-            parser.write(chunk)
+            _write(parser, chunk)
             if errors:
                 raise errors[0]
             if parts > MAX_PARTS:
@@ -151,6 +163,11 @@ async def receive_upload(
         parser.finalize()
         if errors:
             raise errors[0]
+        if not ended:
+            raise InvalidRequest(
+                "multipart body ended before its closing boundary (cut off or badly framed)",
+                field="files",
+            )
     except BaseException as e:
         if cur.out is not None and not cur.out.closed:
             cur.out.close()
@@ -159,6 +176,13 @@ async def receive_upload(
             await _drain(body, max_bytes - up.nbytes)
         raise
     return up
+
+
+def _write(parser: MultipartParser, chunk: bytes) -> None:
+    try:
+        parser.write(chunk)
+    except MultipartParseError as e:
+        raise InvalidRequest(f"malformed multipart body: {e}", field="files") from None
 
 
 async def _drain(body: AsyncIterator[bytes], limit: int) -> None:

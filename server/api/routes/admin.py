@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 
@@ -23,13 +25,19 @@ from server.api.state import AppState
 from server.api.upload import Upload, receive_upload
 from server.errors import InvalidRequest
 from server.logging import model_id_var
-from storage.errors import ModelExists, UnknownModel
+from storage.blobs import MissingBlob
+from storage.errors import BadCheckpoint, CorruptBlob, ModelExists, UnknownModel
 from storage.modelid import validate_model_id
 from storage.qsearch import read_calib_texts
+
+if TYPE_CHECKING:
+    from storage.manifest import Manifest
+    from storage.store import DeltaStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
+HEAD = "classifier.weight"  # the classification head the engine applies (server.engine)
 METHODS = ("dare", "darex_q", "magnitude", "wanda", "structural")
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
 
@@ -59,6 +67,8 @@ def _val_field(up: Upload, method: str | None, q: float | None) -> list[dict] | 
         check_val_options(method, q)
         rows = read_labeled(up.fields["val"])
         check_against_config(rows, up.folder)
+    except BadCheckpoint:
+        raise  # the uploaded config.json is bad, not the examples: 422 bad_checkpoint
     except (PruningError, ValueError) as e:
         raise InvalidRequest(str(e), field="val") from None
     return rows
@@ -78,20 +88,90 @@ def _checkpoint_path(up: Upload) -> Path:
     return up.folder
 
 
-def _precheck(state: AppState, folder: Path) -> None:
+def _precheck(state: AppState, folder: Path, task: str | None) -> None:
     """Header-only checks before a job exists: the tensor count (full checkpoint or LoRA
-    adapter, ``DAREX_MAX_TENSORS``) and a full checkpoint's shapes against the base."""
+    adapter, ``DAREX_MAX_TENSORS``), a full checkpoint's shapes against the base, and the
+    task it will be stored with (``task``, else the one its config names) against what
+    the base serves."""
     from storage.bases import tensor_names
-    from storage.checkpoint import open_checkpoint, plan_against_base
+    from storage.checkpoint import open_checkpoint, plan_against_base, read_task
     from storage.ingest import check_tensor_count, is_lora_adapter
 
     if is_lora_adapter(folder):
-        check_tensor_count(len(tensor_names(folder)), state.settings.max_tensors)
+        raw = tensor_names(folder)
+        check_tensor_count(len(raw), state.settings.max_tensors)
+        if state.base is None:
+            return
+        from storage.lora import _PEFT_PREFIX
+
+        # named as storage.lora.read_adapter names them (PEFT prefix and wrapper dropped)
+        names = {n.removeprefix(_PEFT_PREFIX).replace(".modules_to_save", "") for n in raw}
+        if task is None:
+            _check_task(state, _lora_task(folder), names, "task_type in adapter_config.json")
+        else:
+            _check_task(state, task, names)
         return
     ckpt = open_checkpoint(folder)
     check_tensor_count(len(ckpt.meta), state.settings.max_tensors)
-    if state.base is not None:
-        plan_against_base(ckpt, open_checkpoint(state.base.path))
+    if state.base is None:
+        return
+    plan_against_base(ckpt, open_checkpoint(state.base.path))
+    if task is None:
+        implied = read_task(ckpt.config)[0]
+        _check_task(state, implied, set(ckpt.meta), "architectures in config.json")
+    else:
+        _check_task(state, task, set(ckpt.meta))
+
+
+def _lora_task(folder: Path) -> str:
+    """The task a PEFT adapter's ``task_type`` names, as ``storage.lora_ingest`` reads it."""
+    from storage.lora import read_config
+    from storage.lora_ingest import _TASKS
+
+    try:
+        cfg = read_config(folder)
+    except BadCheckpoint:
+        raise
+    except (ValueError, RecursionError) as e:  # not UTF-8, nested too deeply
+        raise BadCheckpoint(f"{folder / 'adapter_config.json'} is not JSON: {e}") from None
+    return _TASKS.get(str(cfg.get("task_type", "")).upper(), "feature-extraction")
+
+
+def _check_task(state: AppState, task: str, names: set[str], implied_by: str | None = None) -> None:
+    """Refuse a task the base cannot serve: a decoder base serves causal-lm only; an encoder
+    base feature-extraction, and sequence-classification when the upload has the head the
+    engine applies (``classifier.weight``). ``implied_by``: where a task not sent came from."""
+    base_id, arch = state.base_id, state.base.arch
+    what = repr(task) + (f" (named by the {implied_by})" if implied_by else "")
+    instead = "send task=feature-extraction to serve it on /v1/embeddings"
+    if arch == "decoder" and task != "causal-lm":
+        raise InvalidRequest(
+            f"task: {what} is not served by base {base_id!r}, a decoder: it serves only "
+            "'causal-lm' (/v1/completions, /v1/chat/completions)",
+            field="task",
+        )
+    if arch != "decoder" and task == "causal-lm":
+        raise InvalidRequest(
+            f"task: {what} is not served by base {base_id!r}, an encoder: it serves "
+            "'feature-extraction' (/v1/embeddings) and, for a checkpoint with a "
+            f"'{HEAD}' tensor, 'sequence-classification' (/v1/classify)"
+            + (f"; {instead}" if implied_by else ""),
+            field="task",
+        )
+    if arch != "decoder" and task == "sequence-classification" and HEAD not in names:
+        raise InvalidRequest(
+            f"task: {what} needs a classification head, a '{HEAD}' tensor, in the "
+            f"checkpoint, and the upload has none; {instead}",
+            field="task",
+        )
+
+
+def _hide_upload_path(text: str, up: Upload) -> str:
+    """``text`` naming the uploaded files, not where the server keeps them: the temp
+    folder's path (the data dir's layout) is dropped."""
+    for f in sorted({str(up.folder), str(up.folder.resolve())}, key=len, reverse=True):
+        text = text.replace(f + os.sep, "").replace(f, "the upload")
+    return text
 
 
 def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
@@ -117,7 +197,8 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
         log.info("ingest done: %s", msg, extra={"model_id": model_id, "job_id": job_id})
     except Exception as e:
         log.exception("ingest failed", extra={"model_id": model_id, "job_id": job_id})
-        reg.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}", message="failed")
+        error = _hide_upload_path(f"{type(e).__name__}: {e}", up)
+        reg.update_job(job_id, state="failed", error=error, message="failed")
     finally:
         if state.heartbeat is not None:
             state.heartbeat.discard(job_id)
@@ -143,6 +224,12 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         if not model_id:
             raise InvalidRequest("model_id: field required", field="model_id")
         validate_model_id(model_id)
+        if model_id == state.base_id:
+            raise InvalidRequest(
+                f"model_id: {model_id!r} is the base model's own id (requests for it are "
+                "served by the base, unpruned); choose another id for the fine-tune",
+                field="model_id",
+            )
         method = up.fields.get("method") or None
         if method is not None and method not in METHODS:
             raise InvalidRequest(f"method: {method!r} is not one of {METHODS}", field="method")
@@ -185,10 +272,13 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
                 raise ModelExists(f"model {model_id!r} is already registered")
             except UnknownModel:
                 pass
-        await asyncio.to_thread(_precheck, state, folder)
+        await asyncio.to_thread(_precheck, state, folder, task)
         job = await asyncio.to_thread(store.registry.create_job, model_id, "queued")
-    except BaseException:
+    except BaseException as e:
         up.cleanup()
+        if isinstance(e, BadCheckpoint) and getattr(e, "field", None) is None:
+            e.field = "files"  # type: ignore[attr-defined]  # the param of the 422
+        e.args = tuple(_hide_upload_path(a, up) if isinstance(a, str) else a for a in e.args)
         raise
     rate = settings.default_rate if rate is None else rate
     opts = {
@@ -216,10 +306,27 @@ async def get_job(job_id: str, store: StoreDep, settings: SettingsDep) -> JobPub
     return JobPublic(**effective_job(job, settings.job_stale_s).model_dump())
 
 
+def _manifest(store: DeltaStore, model_id: str) -> Manifest:
+    """The registered manifest; ``UnknownModel`` (404) when the id is not registered, and an
+    error naming the model and what to do when its manifest blob is missing or corrupt."""
+    key = store.registry.get_model(model_id)
+    fix = f"DELETE /admin/models/{model_id} removes the entry; then upload the fine-tune again"
+    try:
+        return store.manifest_at(key)
+    except MissingBlob:
+        raise MissingBlob(
+            f"model {model_id!r}: its manifest {key} is missing from the store; {fix}"
+        ) from None
+    except CorruptBlob as e:
+        raise CorruptBlob(
+            f"model {model_id!r}: its manifest {key} is corrupt ({e}); {fix}"
+        ) from None
+
+
 @router.get("/models/{model_id}", response_model=ModelPublic)
 async def get_model(model_id: str, store: StoreDep) -> ModelPublic:
     model_id_var.set(model_id)
-    m = await asyncio.to_thread(store.manifest, model_id)
+    m = await asyncio.to_thread(_manifest, store, model_id)
     return ModelPublic(
         id=model_id,
         task=m.task,
@@ -242,7 +349,9 @@ async def get_model(model_id: str, store: StoreDep) -> ModelPublic:
 async def delete_model(model_id: str, state: StateDep, store: StoreDep) -> Deleted:
     """Refuse new requests, let in-flight ones finish, unregister, drop cached copies."""
     model_id_var.set(model_id)
-    await asyncio.to_thread(store.manifest, model_id)  # 404 when unknown
+    # 404 when unknown; the registry entry alone, so an entry whose manifest blob is
+    # missing or corrupt can still be removed (and no longer blocks gc)
+    await asyncio.to_thread(store.registry.get_model, model_id)
     if state.scheduler is not None:
         await state.scheduler.retire(model_id, then=lambda: store.delete(model_id))
     else:

@@ -1,0 +1,466 @@
+"""Bad upload inputs over the real app: malformed multipart bodies, unreadable headers and
+configs, a model_id or task the base cannot serve, and models whose manifest is unreadable.
+
+Every refusal is a 4xx naming the field and what is wrong (never the server's upload
+path), and leaves nothing behind: no registry entry, no job, no upload folder, no open file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+from server.api import create_app
+from server.deltas import ModelDelta
+from storage.bases import resolve_base
+from tests.server.finetunes import (
+    apply_dense,
+    multipart_files,
+    perturb,
+    save_causal_finetune,
+    save_classifier_finetune,
+)
+from tests.server.live import ADMIN_TOKEN, make_settings
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+LLAMA_ID, BERT_ID = "tiny-llama", "tiny-bert"  # the bases' own ids (/v1/models lists them)
+VAL_TARGET = '{"text": "Q: 1 plus 1?\\nA:", "target": "2"}'
+VAL_LABEL = '{"text": "a fine film", "label": "positive"}'
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+def _client(data: Path, base_dir: Path, name: str) -> Iterator[TestClient]:
+    base = dataclasses.replace(resolve_base(base_dir, data), name=name)
+    app = create_app(make_settings(data, str(base_dir), max_upload_bytes=20 << 20), base=base)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, tiny_llama_dir: Path) -> Iterator[TestClient]:
+    yield from _client(tmp_path_factory.mktemp("up-llama"), tiny_llama_dir, LLAMA_ID)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, tiny_bert_dir: Path) -> Iterator[TestClient]:
+    yield from _client(tmp_path_factory.mktemp("up-bert"), tiny_bert_dir, BERT_ID)
+
+
+@pytest.fixture(scope="module")
+def llama_ft(tmp_path_factory, tiny_llama_dir: Path) -> Path:
+    return save_causal_finetune(tiny_llama_dir, tmp_path_factory.mktemp("ft-llama"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def bert_cls_ft(tmp_path_factory, tiny_bert_dir: Path) -> Path:
+    return save_classifier_finetune(tiny_bert_dir, tmp_path_factory.mktemp("ft-cls"), seed=6)
+
+
+@pytest.fixture(scope="module")
+def bert_plain_ft(tmp_path_factory, tiny_bert_dir: Path) -> Path:
+    """A BertModel fine-tune: no classification head."""
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(tiny_bert_dir)
+    apply_dense(model, ModelDelta(perturb(model, 7)))
+    out = tmp_path_factory.mktemp("ft-plain")
+    model.save_pretrained(out)
+    return out
+
+
+def _files(folder: Path, **replace: bytes) -> list[tuple[str, tuple[str, bytes]]]:
+    """A folder's files for httpx, some replaced or added (name -> bytes)."""
+    files = [(n, (f, b)) for n, (f, b) in multipart_files(folder) if f not in replace]
+    return files + [("files", (name, data)) for name, data in replace.items()]
+
+
+def _raw_safetensors(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
+
+
+def _jobs(client: TestClient) -> int:
+    path = client.app.state.darex.store.registry.path
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+def _uploads(client: TestClient) -> Path:
+    return client.app.state.darex.settings.data_dir / "uploads"
+
+
+def _open_files_under(folder: Path) -> list[str]:
+    if not Path("/proc/self/fd").is_dir():
+        return []
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            out.append(target)
+    return out
+
+
+def refused(
+    client: TestClient,
+    r: httpx.Response,
+    status: int,
+    code: str,
+    param: str | None,
+    *words: str,
+    jobs_before: int,
+    model_id: str | None = None,
+) -> dict:
+    """The 4xx with its code, param and words; the message holds no server path; nothing
+    was left behind (registry entry, job, upload folder, open file)."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code, err
+    assert err["param"] == param, err
+    for w in words:
+        assert w in err["message"], (w, err["message"])
+    data_dir = str(client.app.state.darex.settings.data_dir)
+    assert data_dir not in err["message"] and "upload-" not in err["message"], err["message"]
+    if model_id is not None:
+        assert model_id not in client.app.state.darex.store.models()
+    assert _jobs(client) == jobs_before
+    uploads = _uploads(client)
+    assert not uploads.exists() or not list(uploads.iterdir()), list(uploads.iterdir())
+    assert _open_files_under(uploads) == []
+    return err
+
+
+def post(client: TestClient, data: dict, files: list) -> tuple[httpx.Response, int]:
+    before = _jobs(client)
+    return client.post("/admin/models", headers=AUTH, data=data, files=files), before
+
+
+def post_raw(client: TestClient, body: bytes, boundary: str = "XYZ") -> tuple[httpx.Response, int]:
+    before = _jobs(client)
+    headers = {**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"}
+    return client.post("/admin/models", headers=headers, content=body), before
+
+
+def wait_job(client: TestClient, job_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/admin/jobs/{job_id}", headers=AUTH).json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job)
+
+
+# ---------------------------------------------------------------- multipart framing
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"this is not multipart at all", b"--XYZ\r\nbogus\r\n\r\n"],
+    ids=["not-multipart", "bogus-part-header"],
+)
+def test_malformed_multipart_body_is_422(llama: TestClient, body: bytes) -> None:
+    r, jobs = post_raw(llama, body)
+    refused(llama, r, 422, "invalid_request", "files", "malformed multipart body", jobs_before=jobs)
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XYZ") -> bytes:
+    """(name, filename, value) parts framed by ``boundary``, closing boundary included."""
+    out = b""
+    for name, filename, value in parts:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("last", ["file", "model_id"])
+def test_multipart_body_without_closing_boundary_is_422(
+    llama: TestClient, llama_ft: Path, last: str
+) -> None:
+    files = [("files", f.name, f.read_bytes()) for f in sorted(llama_ft.iterdir()) if f.is_file()]
+    field = [("model_id", None, b"cut-off")]
+    parts = [*field, *files] if last == "file" else [*files, *field]
+    body = _multipart(parts)
+    cut = body[: -len(b"\r\n--XYZ--\r\n")]  # the last part's data, never closed
+    r, jobs = post_raw(llama, cut)
+    refused(
+        llama,
+        r,
+        422,
+        "invalid_request",
+        "files",
+        "multipart body ended before its closing boundary",
+        jobs_before=jobs,
+        model_id="cut-off",
+    )
+
+
+# ---------------------------------------------------------------- unreadable files
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"\xff\xfe not utf-8", b"not json at all", b"[1, 2, 3]", b"[" * 100_000],
+    ids=["not-utf8", "not-json", "json-list", "deep-nesting"],
+)
+def test_lora_adapter_with_unreadable_header_is_422(
+    llama: TestClient, tmp_path: Path, header: bytes
+) -> None:
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    files = [
+        ("files", ("adapter_config.json", json.dumps({**cfg, "task_type": "CAUSAL_LM"}).encode())),
+        ("files", ("adapter_model.safetensors", _raw_safetensors(header))),
+    ]
+    r, jobs = post(llama, {"model_id": "bad-lora"}, files)
+    refused(
+        llama,
+        r,
+        422,
+        "bad_checkpoint",
+        "files",
+        "adapter_model.safetensors",
+        "not a readable safetensors file",
+        jobs_before=jobs,
+        model_id="bad-lora",
+    )
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        b'{"weight_map": []}',
+        b'{"weight_map": {"a": 1}}',
+        b'{"weight_map": {"a": "model.safetensors"}, "x": "\xff\xfe"}',
+        b"[" * 100_000,
+    ],
+    ids=["list", "non-string-shard", "not-utf8", "deep-nesting"],
+)
+def test_bad_sharded_index_is_422(llama: TestClient, llama_ft: Path, index: bytes) -> None:
+    files = _files(llama_ft, **{"model.safetensors.index.json": index})
+    r, jobs = post(llama, {"model_id": "bad-index"}, files)
+    refused(
+        llama,
+        r,
+        422,
+        "bad_checkpoint",
+        "files",
+        "model.safetensors.index.json",
+        "not a safetensors index",
+        jobs_before=jobs,
+        model_id="bad-index",
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        (b'{"architectures": ["LlamaForCausalLM"], "x": "\xff\xfe"}', "not JSON"),
+        (b"[" * 100_000, "not JSON"),
+        (b"[1]", "not a JSON object"),
+    ],
+    ids=["not-utf8", "deep-nesting", "json-list"],
+)
+@pytest.mark.parametrize("with_val", [False, True], ids=["", "val"])
+def test_bad_config_json_is_422(
+    llama: TestClient, llama_ft: Path, config: bytes, why: str, with_val: bool
+) -> None:
+    data = {"model_id": "bad-config", **({"val": VAL_TARGET} if with_val else {})}
+    r, jobs = post(llama, data, _files(llama_ft, **{"config.json": config}))
+    refused(
+        llama,
+        r,
+        422,
+        "bad_checkpoint",
+        "files",
+        "config.json",
+        why,
+        jobs_before=jobs,
+        model_id="bad-config",
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        ({"architectures": [1]}, ("architectures", "strings")),
+        ({"architectures": "LlamaForCausalLM"}, ("architectures", "list")),
+        ({"id2label": ["negative", "positive"]}, ("id2label", "object")),
+        ({"id2label": [5, 6]}, ("id2label", "object")),
+        ({"id2label": {"one": "x"}}, ("id2label", "integers")),
+    ],
+    ids=["arch-int", "arch-str", "id2label-names", "id2label-ints", "id2label-keys"],
+)
+@pytest.mark.parametrize("with_val", [False, True], ids=["", "val"])
+def test_config_fields_of_the_wrong_shape_are_422(
+    bert: TestClient, bert_cls_ft: Path, edit: dict, words: tuple[str, ...], with_val: bool
+) -> None:
+    """Up front, with or without ``val``: a list-shaped id2label used to pass the upload and
+    fail the job with a bare ``IndexError``."""
+    cfg = {**json.loads((bert_cls_ft / "config.json").read_text()), **edit}
+    data = {"model_id": "odd-config", **({"val": VAL_LABEL} if with_val else {})}
+    r, jobs = post(bert, data, _files(bert_cls_ft, **{"config.json": json.dumps(cfg).encode()}))
+    refused(
+        bert,
+        r,
+        422,
+        "bad_checkpoint",
+        "files",
+        "config.json",
+        *words,
+        jobs_before=jobs,
+        model_id="odd-config",
+    )
+
+
+def test_messages_name_the_file_not_the_upload_path(llama: TestClient, llama_ft: Path) -> None:
+    files = _files(llama_ft, **{"model.safetensors": b"\x10\x00"})
+    r, jobs = post(llama, {"model_id": "short"}, files)
+    err = refused(
+        llama,
+        r,
+        422,
+        "bad_checkpoint",
+        "files",
+        "model.safetensors",
+        "not a readable",
+        jobs_before=jobs,
+        model_id="short",
+    )
+    assert "/" not in err["message"].split(":")[0], err["message"]
+
+
+# ---------------------------------------------------------------- model_id and task
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_model_id_of_the_base_is_refused(llama: TestClient, llama_ft: Path, replace: bool) -> None:
+    assert llama.app.state.darex.base_id == LLAMA_ID
+    data = {"model_id": LLAMA_ID, **({"replace": "true"} if replace else {})}
+    r, jobs = post(llama, data, multipart_files(llama_ft))
+    refused(
+        llama,
+        r,
+        422,
+        "invalid_request",
+        "model_id",
+        repr(LLAMA_ID),
+        "the base model's own id",
+        jobs_before=jobs,
+    )
+    ids = [m["id"] for m in llama.get("/v1/models").json()["data"]]
+    assert ids.count(LLAMA_ID) == 1
+
+
+@pytest.mark.parametrize(
+    ("task", "words"),
+    [
+        ("causal-lm", ("'causal-lm'", "encoder", "feature-extraction")),
+        ("sequence-classification", ("'sequence-classification'", "classifier.weight")),
+    ],
+)
+def test_task_the_encoder_base_cannot_serve_is_422(
+    bert: TestClient, bert_plain_ft: Path, task: str, words: tuple[str, ...]
+) -> None:
+    r, jobs = post(bert, {"model_id": "odd-task", "task": task}, multipart_files(bert_plain_ft))
+    refused(bert, r, 422, "invalid_request", "task", *words, jobs_before=jobs, model_id="odd-task")
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "feature-extraction"])
+def test_task_the_decoder_base_cannot_serve_is_422(
+    llama: TestClient, llama_ft: Path, task: str
+) -> None:
+    r, jobs = post(llama, {"model_id": "odd-task", "task": task}, multipart_files(llama_ft))
+    refused(
+        llama,
+        r,
+        422,
+        "invalid_request",
+        "task",
+        repr(task),
+        "decoder",
+        "'causal-lm'",
+        jobs_before=jobs,
+        model_id="odd-task",
+    )
+
+
+def test_task_an_encoder_lora_adapter_names_is_checked(bert: TestClient, tmp_path: Path) -> None:
+    """A CAUSAL_LM adapter on an encoder base: the task it implies is refused up front."""
+    tensors = {
+        "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(2, 64),
+        "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight": torch.zeros(64, 2),
+    }
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "task_type": "CAUSAL_LM"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    r, jobs = post(bert, {"model_id": "lora-lm"}, multipart_files(tmp_path))
+    refused(
+        bert,
+        r,
+        422,
+        "invalid_request",
+        "task",
+        "'causal-lm'",
+        "adapter_config.json",
+        jobs_before=jobs,
+        model_id="lora-lm",
+    )
+
+
+def test_task_that_fits_is_accepted(bert: TestClient, bert_cls_ft: Path) -> None:
+    data = {"model_id": "cls-ok", "task": "sequence-classification", "rate": "0.9"}
+    r, _ = post(bert, data, multipart_files(bert_cls_ft))
+    assert r.status_code == 202, r.text
+    assert wait_job(bert, r.json()["job_id"])["state"] == "done"
+    out = bert.post("/v1/classify", json={"model": "cls-ok", "input": ["fine"]})
+    assert out.status_code == 200, out.text
+
+
+# ---------------------------------------------------------------- unreadable manifests
+
+
+@pytest.mark.parametrize("how", ["corrupt", "missing"])
+def test_model_with_unreadable_manifest_can_be_deleted(
+    llama: TestClient, llama_ft: Path, how: str
+) -> None:
+    from storage.ingest import ingest
+
+    st = llama.app.state.darex
+    model_id = f"broken-{how}"
+    ingest(st.store, model_id, llama_ft, st.base, method="dare", p=0.9, show_progress=False)
+    blob = st.store.blobs.path(st.store.registry.get_model(model_id))
+    if how == "corrupt":
+        blob.chmod(0o644)
+        blob.write_bytes(b"not a manifest")
+    else:
+        blob.unlink()
+
+    r = llama.get(f"/admin/models/{model_id}", headers=AUTH)  # says what is wrong
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["code"] == f"{how}_blob", err
+    for w in (repr(model_id), "manifest", how, f"DELETE /admin/models/{model_id}"):
+        assert w in err["message"], (w, err["message"])
+
+    r = llama.delete(f"/admin/models/{model_id}", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"id": model_id, "deleted": True}
+    assert model_id not in st.store.models()
+    assert llama.get(f"/admin/models/{model_id}", headers=AUTH).status_code == 404
+    st.store.gc(grace_s=0)  # one broken entry no longer blocks gc for the whole store
+    assert llama.delete(f"/admin/models/{model_id}", headers=AUTH).status_code == 404
