@@ -10,18 +10,29 @@ The resident form maps those onto the engine's flat buffer::
     val = concat_t(values[t]).to(buffer dtype)   # same order as idx
 
 so one fused scatter over ``idx`` activates the whole fine-tune.
+
+A delta only means something on the base it was taken against. ``StoreSource``
+given the resident base's hash (``storage.bases.BaseInfo.sha256``, the same
+``weights_sha256`` that ingest writes to ``manifest.base.sha256``) refuses a
+fine-tune of another base with ``BaseMismatch`` naming both hashes. The check
+reads the manifest the source reads anyway, so it costs one string comparison
+per ``info`` (cached by the engine) and per ``load`` (once per decode).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from pruning.sparse import SparseDelta
+from storage.blobs import MissingBlob
 from storage.errors import BaseMismatch, UnknownModel
+
+if TYPE_CHECKING:
+    from storage.manifest import Manifest
 
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
 
@@ -96,25 +107,51 @@ class MemorySource:
 
 
 class StoreSource:
-    """Adapter over ``storage.store.DeltaStore``: manifest -> decoded tensors on the host."""
+    """Adapter over ``storage.store.DeltaStore``: manifest -> decoded tensors on the host.
 
-    def __init__(self, store: object) -> None:
+    With ``base_sha256`` (the resident base's ``BaseInfo.sha256``) a manifest
+    ingested against another base raises ``BaseMismatch``; None skips the check.
+    """
+
+    def __init__(
+        self, store: object, base_sha256: str | None = None, base_name: str | None = None
+    ) -> None:
         self.store = store
+        self.base_sha256 = base_sha256
+        self.base_name = base_name
+
+    def _manifest(self, model_id: str) -> Manifest:
+        m = self.store.manifest(model_id)  # type: ignore[attr-defined]
+        if self.base_sha256 is not None and m.base.sha256 != self.base_sha256:
+            raise BaseMismatch(
+                f"model {model_id!r} was stored against base {m.base.name!r} "
+                f"(sha256 {m.base.sha256}), but this server's base "
+                f"{self.base_name or 'base'!r} has sha256 {self.base_sha256}: its delta "
+                "would patch other weights. Upload the fine-tune again against this base, "
+                "or serve it with the base it was stored against"
+            )
+        return m
 
     def info(self, model_id: str) -> ModelInfo:
-        m = self.store.manifest(model_id)  # type: ignore[attr-defined]
+        m = self._manifest(model_id)
         return ModelInfo(m.task, list(m.labels) if m.labels else None)
 
     def load(self, model_id: str) -> ModelDelta:
-        m = self.store.manifest(model_id)  # type: ignore[attr-defined]
+        m = self._manifest(model_id)
         params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, entry in m.deltas.items():
-            d = self.store.load_delta(entry, "cpu")  # type: ignore[attr-defined]
-            params[name] = (d.indices, d.values)
-        extras = {
-            name: self.store.load_dense(entry, "cpu")  # type: ignore[attr-defined]
-            for name, entry in m.extras.items()
-        }
+        extras: dict[str, torch.Tensor] = {}
+        name = ""
+        try:
+            for name, entry in m.deltas.items():
+                d = self.store.load_delta(entry, "cpu")  # type: ignore[attr-defined]
+                params[name] = (d.indices, d.values)
+            for name, entry in m.extras.items():
+                extras[name] = self.store.load_dense(entry, "cpu")  # type: ignore[attr-defined]
+        except MissingBlob as e:
+            raise MissingBlob(
+                f"model {model_id!r}: tensor {name}: {e} (run `darex verify`; then upload "
+                f"the fine-tune again with replace, or `darex rm {model_id}`)"
+            ) from e
         return ModelDelta(params, extras, m.task, list(m.labels) if m.labels else None)
 
 

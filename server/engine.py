@@ -11,6 +11,15 @@ in one kernel call (numba on CPU, Triton on CUDA, torch ops as the reference).
 A fine-tune's dense extras (a classification head) are swapped by reference:
 the head module's parameters are the cached tensors themselves.
 
+A store-backed engine that knows its base's content hash (``base_sha256``,
+``storage.bases.BaseInfo.sha256``; ``Engine.load`` passes it) refuses fine-tunes
+stored against another base with ``BaseMismatch`` (HTTP 422 ``base_mismatch``),
+when their task is first looked up and when their delta is decoded, never per
+forward; it also sets the store's ``serving_base`` so that ``store.models()``
+(``/v1/models``) lists only this base's fine-tunes. ``loaded_fingerprint`` is a
+different hash (of the flat buffer, in the serving dtype): it checks that swaps
+restore the base, not which base a delta belongs to.
+
 Single writer: only one thread (the scheduler's worker) calls ``activate``,
 ``restore``, ``forget`` and the forward helpers; ``prefetch`` only reads the source.
 """
@@ -95,6 +104,7 @@ class Engine:
         host_cache_bytes: int = 4 << 30,
         base_name: str = "base",
         kernel: str | None = None,
+        base_sha256: str | None = None,
     ) -> None:
         assert kind in ("causal-lm", "encoder"), f"unknown engine kind {kind!r}"
         self.kind: Kind = kind
@@ -103,7 +113,12 @@ class Engine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
         self.base_name = base_name
-        self.source: DeltaSource = StoreSource(source) if hasattr(source, "manifest") else source
+        self.base_sha256 = base_sha256  # weights_sha256 of the base, as manifests record it
+        self.source: DeltaSource = source
+        if hasattr(source, "manifest"):  # a DeltaStore
+            self.source = StoreSource(source, base_sha256, base_name)
+            if base_sha256 is not None and hasattr(source, "serving_base"):
+                source.serving_base = base_sha256  # its listing: only this base's fine-tunes
         self.buf, self.slots = flatten_parameters(self.model)
         self.kernel = kernel or kernels.kernel_name(self.buf)
         if self.kernel == "numba":
@@ -160,6 +175,7 @@ class Engine:
             device_cache_bytes=pick(device_cache_bytes, "device_cache_bytes", 1 << 30),
             host_cache_bytes=pick(host_cache_bytes, "host_cache_bytes", 4 << 30),
             base_name=base.name,
+            base_sha256=getattr(base, "sha256", None),
         )
 
     # ---- swapping -------------------------------------------------------------------------

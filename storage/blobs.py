@@ -4,11 +4,24 @@ A write goes to ``tmp/`` (same filesystem), is fsynced, atomically renamed into
 place and the directory is fsynced, so a reader never sees a partial blob and a
 crash leaves at most a stale temp file. Reads re-hash and raise ``CorruptBlob``.
 Identical bytes are stored once. Only ``delete`` (called by gc) removes a blob.
+
+Re-putting bytes that are already stored compares them with the file (size, then
+bytes) and atomically rewrites a file that no longer matches, so re-ingesting a
+fine-tune repairs a corrupt blob; a match only refreshes the mtime (gc's grace).
+
+``locked()`` is an advisory ``flock`` on ``root/blobs.lock``, across threads and
+processes: ``put`` holds it shared while it decides to reuse a stored blob and
+refreshes its mtime, ``DeltaStore.register`` while it checks a manifest's blobs and
+writes the registry entry, and ``DeltaStore.gc`` holds it exclusively while it
+re-checks and deletes. So a blob gc is about to delete is either reused before gc
+looks (gc then sees it young and keeps it) or found gone by the reuser (and
+written again), never reused and then deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -57,8 +70,22 @@ class BlobStore:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self.lock_path = self.root / "blobs.lock"
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self, *, exclusive: bool = False) -> Iterator[None]:
+        """Hold the store's blob lock (shared by default; gc deletes under the exclusive one).
+
+        Not re-entrant for the exclusive holder: do not call ``put``/``touch`` inside it.
+        """
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def path(self, key: str) -> Path:
         _check_key(key)
@@ -74,12 +101,16 @@ class BlobStore:
             raise MissingBlob(f"blob {key} is not in the store") from e
 
     def put(self, data: bytes) -> str:
-        """Store ``data`` once; returns its key. Re-putting refreshes the mtime (gc grace)."""
+        """Store ``data`` once; returns its key.
+
+        When the key is already stored and its file holds exactly ``data``, only
+        the mtime is refreshed (gc grace); a file that vanished or no longer
+        matches (corrupt, truncated) is written again, atomically.
+        """
         key = blob_key(data)
         dst = self.path(key)
-        if dst.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(dst)  # an in-flight ingest uses it: keep it out of gc's grace window
+        with self.locked():
+            if self._reuse(key, dst, data):
                 return key
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
@@ -94,6 +125,27 @@ class BlobStore:
                 tmp.unlink()
         _fsync_dir(dst.parent)
         return key
+
+    def _reuse(self, key: str, dst: Path, data: bytes) -> bool:
+        """True when ``dst`` holds ``data`` (mtime refreshed); False when it must be written."""
+        try:
+            if dst.stat().st_size == len(data) and dst.read_bytes() == data:
+                os.utime(dst)  # an in-flight ingest uses it: keep it out of gc's grace window
+                return True
+        except FileNotFoundError:
+            return False
+        log.warning("blob %s on disk does not match its key: writing it again", key)
+        return False
+
+    def touch(self, key: str) -> None:
+        """Refresh the mtime (gc grace) of a stored blob; ``MissingBlob`` when it is gone.
+
+        Call it under ``locked()``.
+        """
+        try:
+            os.utime(self.path(key))
+        except FileNotFoundError as e:
+            raise MissingBlob(f"blob {key} is not in the store") from e
 
     def get(self, key: str) -> bytes:
         """The blob's bytes, re-hashed; ``CorruptBlob`` when they no longer match the key."""

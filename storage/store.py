@@ -3,6 +3,18 @@
 ``gc`` deletes only blobs that no registered manifest references, and only once
 they are older than a grace period (an ingest in flight has written blobs it has
 not registered yet; ``BlobStore.put`` refreshes the mtime of a blob it reuses).
+It decides in two steps: a scan without a lock, then, under the blob store's
+exclusive lock, a re-check of each candidate (still unreferenced, still older than
+the grace period) right before it is unlinked. ``register`` refreshes and checks
+every blob of the manifest and writes the registry entry under the shared lock,
+so a model is never registered with a blob gc removed: either gc sees the new
+entry (or the fresh mtimes) and keeps the blobs, or ``register`` finds a blob
+gone and raises ``MissingBlob`` with nothing registered.
+
+Each manifest names the base it was ingested against (``base.sha256``, the
+content hash of ``storage.bases.weights_sha256``). ``serving_base``, set by a
+server to the hash of its resident base, limits ``models()`` to that base's
+fine-tunes.
 """
 
 from __future__ import annotations
@@ -56,6 +68,10 @@ class DeltaStore:
         if registry is None:
             registry = f"sqlite:///{self.root / 'registry.sqlite3'}"
         self.registry = open_registry(registry) if isinstance(registry, str) else registry
+        # The base a server serves from this store (``BaseInfo.sha256``): ``models()`` lists
+        # only its fine-tunes. None (the CLI, tests): every registered model.
+        self.serving_base: str | None = None
+        self._base_of: dict[str, str] = {}  # manifest key -> base sha256; manifests are immutable
 
     def close(self) -> None:
         self.registry.close()
@@ -69,19 +85,67 @@ class DeltaStore:
         return Manifest.from_bytes(self.blobs.get(key))
 
     def manifest(self, model_id: str) -> Manifest:
-        """The registered manifest; ``UnknownModel`` when the id is not registered."""
-        return self.manifest_at(self.registry.get_model(model_id))
+        """The registered manifest; ``UnknownModel`` when the id is not registered,
+        ``MissingBlob`` (naming the model) when its manifest blob is gone."""
+        key = self.registry.get_model(model_id)
+        try:
+            return self.manifest_at(key)
+        except MissingBlob as e:
+            raise MissingBlob(
+                f"model {model_id!r}: its manifest blob {key} is missing from the store "
+                f"(run `darex verify`; then upload the fine-tune again with replace, "
+                f"or `darex rm {model_id}`)"
+            ) from e
 
     def register(self, model_id: str, manifest: Manifest, *, replace: bool = False) -> str:
-        """Store the manifest and point ``model_id`` at it (atomic in the registry)."""
+        """Store the manifest and point ``model_id`` at it (atomic in the registry).
+
+        Under the blob lock (shared), every blob the manifest references is
+        refreshed (gc grace) and must still be there; then the entry is written.
+        A blob a concurrent ``gc`` removed raises ``MissingBlob``, nothing registered.
+        """
         validate_model_id(model_id)
         key = self.put_manifest(manifest)
-        self.registry.set_model(model_id, key, replace=replace)
+        with self.blobs.locked():
+            for k in [key, *sorted(manifest.keys())]:
+                try:
+                    self.blobs.touch(k)
+                except MissingBlob as e:
+                    raise MissingBlob(
+                        f"model {model_id!r} was not registered: its blob {k} left the store "
+                        "before registration (a concurrent `darex gc`?); run the ingest again"
+                    ) from e
+            self.registry.set_model(model_id, key, replace=replace)
         log.info("registered %s -> %s", model_id, key, extra={"model_id": model_id})
         return key
 
-    def models(self) -> dict[str, str]:
-        return self.registry.list_models()
+    def base_of(self, manifest_key: str) -> str:
+        """The base sha256 a manifest was ingested against (cached: manifests are immutable)."""
+        sha = self._base_of.get(manifest_key)
+        if sha is None:
+            sha = self._base_of[manifest_key] = self.manifest_at(manifest_key).base.sha256
+        return sha
+
+    def models(self, base_sha256: str | None = None) -> dict[str, str]:
+        """``model_id -> manifest key`` of the registered models.
+
+        With ``base_sha256`` (default: ``serving_base``) only the fine-tunes of
+        that base; a model whose manifest cannot be read stays listed (using it
+        names the problem). Each manifest is read once per process.
+        """
+        models = self.registry.list_models()
+        base = base_sha256 if base_sha256 is not None else self.serving_base
+        if base is None:
+            return models
+        out: dict[str, str] = {}
+        for model_id, key in models.items():
+            try:
+                if self.base_of(key) != base:
+                    continue
+            except (StorageError, KeyError) as e:
+                log.warning("model %s: manifest unreadable: %s", model_id, e)
+            out[model_id] = key
+        return out
 
     def delete(self, model_id: str) -> bool:
         """Unregister; its blobs go at the next ``gc`` unless another manifest uses them."""
@@ -125,8 +189,15 @@ class DeltaStore:
         return keys
 
     def gc(self, grace_s: float = GC_GRACE_S) -> GcReport:
-        """Delete unreferenced blobs older than ``grace_s`` and stale temp files."""
+        """Delete unreferenced blobs older than ``grace_s`` and stale temp files.
+
+        The scan picks candidates without a lock; each is re-checked right before
+        it is unlinked, under the exclusive blob lock: a blob an ingest reused
+        meanwhile (``put`` refreshed its mtime) is young again and stays, and a
+        model registered meanwhile (the registry's version moved) keeps its blobs.
+        """
         report = GcReport()
+        version = self.registry.version()
         live = self.referenced()
         doomed = []
         for key in list(self.blobs.iter_keys()):
@@ -138,13 +209,22 @@ class DeltaStore:
                     report.young_unreferenced += 1
                 else:
                     doomed.append(key)
-        live = self.referenced()  # a model registered while we scanned keeps its blobs
-        for key in doomed:
-            if key in live:
-                report.kept += 1
-                continue
-            report.freed_bytes += self.blobs.delete(key)
-            report.deleted += 1
+        with self.blobs.locked(exclusive=True):
+            if self.registry.version() != version:
+                live = self.referenced()  # a model registered while we scanned keeps its blobs
+            for key in doomed:
+                if key in live:
+                    report.kept += 1
+                    continue
+                try:
+                    young = self.blobs.age_s(key) < grace_s  # reused since the scan
+                except FileNotFoundError:
+                    continue
+                if young:
+                    report.young_unreferenced += 1
+                    continue
+                report.freed_bytes += self.blobs.delete(key)
+                report.deleted += 1
         for tmp in self.blobs.stale_temps(grace_s):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

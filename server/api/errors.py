@@ -25,6 +25,7 @@ from server.errors import (
     WrongTask,
 )
 from server.logging import model_id_var, request_id_var
+from storage.blobs import MissingBlob
 from storage.errors import (
     BadCheckpoint,
     BaseMismatch,
@@ -61,6 +62,7 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (NotReady, 503, "service_unavailable", "not_ready"),
     (SchedulerClosed, 503, "service_unavailable", "shutting_down"),
     (CorruptBlob, 500, "server_error", "corrupt_blob"),
+    (MissingBlob, 500, "server_error", "missing_blob"),  # a registered model lost a blob
 ]
 
 
