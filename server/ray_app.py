@@ -42,6 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from server.api.app import MAX_JSON_BYTES, BodyLimitMiddleware
 from server.api.auth import check_token
 from server.api.errors import describe, log_error
 from server.api.routes.openai import render_chat
@@ -217,8 +218,8 @@ class DarexReplica:
         return True, "ready"
 
     async def models(self) -> list[str]:
-        """The resident base, then every registered fine-tune."""
-        return [self.rt.base_name, *sorted(await asyncio.to_thread(self.rt.registry.list_models))]
+        """The resident base, then every registered fine-tune of that base."""
+        return [self.rt.base_name, *sorted(await asyncio.to_thread(self.rt.store.models))]
 
     def check_health(self) -> None:
         """Ray restarts a replica whose scheduler thread died."""
@@ -226,6 +227,7 @@ class DarexReplica:
 
 
 api = FastAPI(title="darex-serve (Ray)")
+api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_JSON_BYTES)  # 413, as in darex serve
 
 _ROUTES = {
     "/v1/completions": "completions",

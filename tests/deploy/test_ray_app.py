@@ -142,3 +142,12 @@ def test_inference_needs_the_api_key_when_one_is_set(ray_url: str) -> None:
         assert m.status_code == 401, m.text
     assert _classify(ray_url, "cls-a").status_code == 200
     assert httpx.get(f"{ray_url}/healthz", timeout=30).status_code == 200  # operations stay open
+
+
+def test_a_body_over_the_json_cap_is_413(ray_url: str) -> None:
+    from server.api.app import MAX_JSON_BYTES
+
+    body = {"model": "cls-a", "input": "x" * (MAX_JSON_BYTES + 1)}
+    r = httpx.post(f"{ray_url}/v1/classify", json=body, headers=KEY, timeout=60)
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"]["code"] == "payload_too_large"
