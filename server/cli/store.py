@@ -89,6 +89,11 @@ def add(
             check_val_options(method, q)
             rows = read_labeled(val.read_text(), source=str(val))
         info = resolve_base(base or s.base, s.data_dir)
+        if model_id == info.name:  # a server answers this id with the base itself
+            raise ValueError(
+                f"model_id {model_id!r} is the base's own id: a server serving this base "
+                "would answer it with the base; pick another id"
+            )
         store = _store()
         res = ingest(
             store,

@@ -78,3 +78,6 @@ def test_add_refuses_bad_input_with_a_message(env: Path, ft: Path) -> None:
     assert r.exit_code == 1 and "InvalidModelId" in r.output
     r = run("add", "ok", str(ft / "nope.bin"), "--method", "dare")
     assert r.exit_code == 1 and "pickle" in r.output
+    r = run("add", "minilm-l6", str(ft), "--method", "dare", "--base", "minilm-l6")
+    assert r.exit_code == 1 and "the base's own id" in r.output, r.output
+    assert "minilm-l6" not in run("ls").output  # nothing stored
