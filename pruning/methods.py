@@ -87,7 +87,9 @@ def _gather(d: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
     vals = d.reshape(-1)[idx]
     if scale == 1.0:
         return vals.clone()
-    return (vals.float() * scale).to(d.dtype)
+    out = vals.float() * scale
+    low = out.to(d.dtype)  # past d's range (fp16 beyond 65504): kept in fp32, never inf
+    return low if d.dtype == torch.float32 or bool(torch.isfinite(low).all()) else out
 
 
 def _scale_of(q: float | None, name: str) -> float:
@@ -203,6 +205,8 @@ def wanda(
         raise PruningError(
             f"tensor {name!r}: wanda needs col_norm of shape ({d.shape[1]},), got {got}"
         )
+    if d.numel() == 0:
+        return _empty(d, p, scale)
     norm = col_norm.to(device=d.device, dtype=torch.float32)
     if per == "tensor":
         flat, cols = d.reshape(-1), d.shape[1]
@@ -252,6 +256,8 @@ def structural(
     if axis not in ("row", "col"):
         raise PruningError(f"tensor {name!r}: structural axis must be 'row' or 'col', got {axis!r}")
     scale = 1.0 / check_q(1.0 - p if q is None else q, name)
+    if d.numel() == 0:
+        return _empty(d, p, scale)
     m2 = d.reshape(d.shape[0], -1) if d.dim() >= 1 else d.reshape(1, 1)  # (rows, cols)
     rows, cols = m2.shape
     if axis == "row":
@@ -262,6 +268,12 @@ def structural(
         c = dare_indices(seed, f"{name}#col", p, cols, d.device)  # kept columns
     idx = (r[:, None] * cols + c[None, :]).reshape(-1)  # sorted: row-major over kept lines
     return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, None)
+
+
+def _empty(d: torch.Tensor, p: float, scale: float) -> SparseDelta:
+    """A tensor with no entries keeps none (its shape, nothing else)."""
+    idx = torch.empty(0, dtype=torch.int64, device=d.device)
+    return SparseDelta(tuple(d.shape), idx, d.reshape(-1)[:0].clone(), p, scale, None)
 
 
 def method_for(method: Method | str, d: torch.Tensor, col_norm: torch.Tensor | None) -> str:

@@ -225,6 +225,8 @@ def analytical_q(
             f"tensor {name!r}: analytical q needs a 2-D weight and xbar of shape "
             f"({d.shape[-1]},), got {tuple(d.shape)} and {tuple(xbar.shape)}"
         )
+    if d.shape[0] == 0:  # no rows to bound: DARE's own scale
+        return 1.0 - p
     c = d.double() * xbar.to(d.device).double()[None, :]  # (out, in)
     s, qq = c.sum(1), (c**2).sum(1)  # (out,)
     if bias_delta is not None:

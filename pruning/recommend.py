@@ -74,11 +74,19 @@ class DeltaStats:
     max_abs: float
     base_rms: float | None = None  # rms of the base weights, when known
     size: int = 0  # entries of the tensor(s), changed or not (numel counts the changed ones)
+    # the densest single tensor's density (merged statistics; None: this one's own)
+    max_density: float | None = None
 
     @property
     def density(self) -> float:
         """Fraction of entries the fine-tune changed."""
         return self.numel / self.size if self.size else 1.0
+
+    @property
+    def densest(self) -> float:
+        """The largest density of one tensor: importance methods keep 1-p of each tensor,
+        so all of a delta's changes survive only when every tensor is that sparse."""
+        return self.density if self.max_density is None else self.max_density
 
     @property
     def spread(self) -> float:
@@ -129,10 +137,11 @@ def merge_stats(stats: Iterable[DeltaStats]) -> DeltaStats:
     """Element-weighted merge of per-layer statistics into one."""
     stats = list(stats)
     size = sum(s.size for s in stats)
+    densest = max((s.densest for s in stats if s.size), default=None)
     stats = [s for s in stats if s.numel > 0]
     n = sum(s.numel for s in stats)
     if n == 0:
-        return DeltaStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, size=size)
+        return DeltaStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, size=size, max_density=densest)
     mean_abs = sum(s.numel * s.mean_abs for s in stats) / n
     ms = sum(s.numel * s.rms**2 for s in stats) / n  # mean d^2 = mean |d|^2
     has_base = all(s.base_rms is not None for s in stats)
@@ -146,6 +155,7 @@ def merge_stats(stats: Iterable[DeltaStats]) -> DeltaStats:
         max_abs=max(s.max_abs for s in stats),
         base_rms=math.sqrt(base_ms) if has_base else None,
         size=size,
+        max_density=densest,
     )
 
 
@@ -195,12 +205,13 @@ def recommend(
         return Recommendation(
             Method.dare, {"p": p, "q": None}, f"LoRA delta B@A, no data to pick q: DARE ({where})"
         )
-    if s.size and s.density <= 1.0 - p:
+    if s.size and s.densest <= 1.0 - p:
         return Recommendation(
             Method.magnitude,
             {"p": p, "q": None},
-            f"the fine-tune changed only {s.density:.2%} of the entries: magnitude keeps "
-            f"every one of them, exactly ({where})",
+            f"the fine-tune changed only {s.density:.2%} of the entries, at most "
+            f"{s.densest:.2%} of any tensor: magnitude keeps every one of them, exactly "
+            f"({where})",
         )
     if has_labels:
         return Recommendation(

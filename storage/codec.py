@@ -22,6 +22,7 @@ with one scale per row: ``v = int8 * scale[row]``, ``scale = max|v_row| / 127``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ import zstandard
 from pruning.sparse import SparseDelta
 from storage.errors import CorruptBlob, UnsupportedFormat
 from storage.seedmask import seed_indices
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"DRXD"
 VERSION = 1
@@ -158,6 +161,17 @@ def _row_len(shape: tuple[int, ...]) -> int:
     return numel // shape[0] if len(shape) >= 2 and shape[0] > 0 else max(numel, 1)
 
 
+def _fits(values: torch.Tensor, value_dtype: str, name: str) -> str:
+    """``value_dtype``, or float32 where float16 cannot hold the values (a rescaled delta
+    past 65504, e.g. |d| > 6.55 at p = 0.9999): stored exactly instead of as inf."""
+    if value_dtype == "float16" and values.numel():
+        top = float(values.detach().abs().max())
+        if top > torch.finfo(torch.float16).max:
+            log.warning("%s: values up to %.4g overflow float16: stored as float32", name, top)
+            return "float32"
+    return value_dtype
+
+
 def _encode_values(
     values: torch.Tensor, indices: torch.Tensor | None, shape: tuple[int, ...], value_dtype: str
 ) -> tuple[list[bytes], dict[str, Any]]:
@@ -214,6 +228,7 @@ def encode_sparse(
     """Encode a pruned delta; ``encoding="seed"`` needs ``sd.mask_seed`` (indices = the mask)."""
     if value_dtype not in VALUE_DTYPES:
         raise ValueError(f"value dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
+    value_dtype = _fits(sd.values, value_dtype, name)
     shape = tuple(int(s) for s in sd.shape)
     header: dict[str, Any] = {
         "encoding": encoding,
@@ -249,6 +264,7 @@ def encode_dense(t: torch.Tensor, name: str, *, value_dtype: str | None = None) 
     vd = value_dtype or dtype_name(t.dtype)
     if vd not in VALUE_DTYPES or not t.is_floating_point():
         raise ValueError(f"{name}: cannot store {t.dtype} as {vd} (floating tensors only)")
+    vd = _fits(t, vd, name)
     shape = tuple(int(s) for s in t.shape)
     header: dict[str, Any] = {
         "encoding": "dense",

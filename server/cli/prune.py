@@ -207,8 +207,9 @@ def _copy_side_files(folders: list[Path], out: Path) -> None:
                 shutil.copy(item, out / item.name)
 
 
-def _layer_q(m, q_mode, d, p, st, name, seed, per, axis, eta) -> float | None:
-    """q of one tensor: the given number, or per layer from calibration inputs."""
+def _layer_q(m, q_mode, d, p, st, name, seed, per, axis, eta, bias=None) -> float | None:
+    """q of one tensor: the given number, or per layer from calibration inputs (``bias``:
+    the layer's bias delta, an extra column of the analytical q)."""
     from pruning.methods import Method, prune_tensor
     from pruning.q import analytical_q, lsq_q
 
@@ -218,7 +219,7 @@ def _layer_q(m, q_mode, d, p, st, name, seed, per, axis, eta) -> float | None:
     if st is None or d.dim() != 2:  # no calibration inputs (embeddings, norms, biases)
         return 1.0 - p if random else None
     if q_mode == "analytical":
-        return analytical_q(d, st.xbar, p, eta, name=name)
+        return analytical_q(d, st.xbar, p, eta, bias_delta=bias, name=name)
     cn = st.col_norm
     mask = prune_tensor(m, d, p, name=name, seed=seed, q=1.0, col_norm=cn, per=per, axis=axis)
     try:
@@ -359,6 +360,27 @@ def prune(
         writer = SafetensorsWriter(out / "model.safetensors", metas, info)
         report: dict[str, dict] = {}
         kept = total = 0
+        layer_qs: dict[str, float | None] = {}  # per-layer q by the weight's name
+
+        def q_of(fname: str, bname: str, d: torch.Tensor) -> float | None:
+            """The tensor's q; a linear's bias takes its layer's q (the weight's, computed
+            with the bias delta as the analytical q's extra column), as the paper does."""
+            if not isinstance(q_mode, str) or q_mode not in ("auto", "analytical"):
+                return _layer_q(m, q_mode, d, p, stats.get(fname), bname, seed, per, axis, eta)
+            stem, _, kind = fname.rpartition(".")
+            weight = f"{stem}.weight"
+            if kind == "bias" and weight in stats and weight in ft_to_base:
+                fname, bname = weight, ft_to_base[weight]
+                d = compute_delta(b.get(bname), f.get(fname), fname)
+            if fname not in layer_qs:
+                bias, bf = None, f"{stem}.bias"
+                if q_mode == "analytical" and fname == weight and bf in ft_to_base:
+                    bias = compute_delta(b.get(ft_to_base[bf]), f.get(bf), bf)
+                layer_qs[fname] = _layer_q(
+                    m, q_mode, d, p, stats.get(fname), bname, seed, per, axis, eta, bias
+                )
+            return layer_qs[fname]
+
         for fname in tqdm(names, desc="prune", unit="tensor"):
             w_ft = f.get(fname)
             bname = ft_to_base.get(fname)
@@ -367,7 +389,7 @@ def prune(
                 continue
             w_base = b.get(bname)
             d = compute_delta(w_base, w_ft, fname)
-            tq = _layer_q(m, q_mode, d, p, stats.get(fname), bname, seed, per, axis, eta)
+            tq = q_of(fname, bname, d)
             st = stats.get(fname)
             cn = None if st is None else st.col_norm
             mt = method_for(m, d, cn)  # WANDA without input norms: magnitude

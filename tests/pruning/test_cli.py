@@ -130,6 +130,10 @@ def test_prune_darex_q_with_calibration(tiny_bert_dir, bert_ft, calib_file, tmp_
         assert lin > 0 and lin != pytest.approx(10.0)
     if q in ("auto", "analytical"):  # per-layer q: tensors without calibration inputs keep 1-p
         assert scales["embeddings.LayerNorm.weight"] == pytest.approx(10.0)
+        # a linear's bias takes its layer's q, as the grid (server.reproduce) gives it
+        for layer in ("attention.self.query", "output.dense"):
+            w, b = (f"encoder.layer.0.{layer}.{k}" for k in ("weight", "bias"))
+            assert scales[b] == scales[w] != pytest.approx(10.0)
 
 
 def test_prune_wanda_and_decoder_defaults(tiny_llama_dir, calib_file, tmp_path) -> None:

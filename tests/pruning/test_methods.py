@@ -251,3 +251,18 @@ def test_method_for_gives_wanda_only_where_input_norms_were_measured() -> None:
     assert method_for("wanda", w, None) == "magnitude"  # no measured inputs
     assert method_for("wanda", b, cn) == "magnitude"  # not a linear weight
     assert method_for(Method.darex_q, w, None) == "darex_q"
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0,)])
+def test_every_method_takes_an_empty_tensor(shape) -> None:
+    """A float parameter with no entries (ingest prunes every selected float tensor) keeps
+    nothing and raises nothing, whatever the method; its analytical q is DARE's."""
+    from pruning.q import analytical_q
+
+    d = torch.zeros(shape)
+    cn = torch.ones(shape[1]) if len(shape) == 2 else None
+    for method in ("dare", "magnitude", "structural", *(("wanda",) if cn is not None else ())):
+        sd = prune_tensor(method, d, 0.9, name="w", seed=0, col_norm=cn)
+        assert sd.nnz == 0 and tuple(sd.shape) == shape, method
+    if len(shape) == 2:
+        assert analytical_q(d, torch.ones(shape[1]), 0.9) == pytest.approx(0.1)

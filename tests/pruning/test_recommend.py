@@ -49,6 +49,24 @@ def test_labels_take_the_labeled_search_whatever_the_delta() -> None:
     assert recommend(delta_stats(sparse), has_labels=True, is_lora=False).method is Method.magnitude
 
 
+def test_magnitude_is_named_only_when_every_tensor_fits_in_1_minus_p() -> None:
+    """A bias-only fine-tune: 0.1 % of all entries changed, but all of one small tensor.
+    Magnitude keeps 1-p of each tensor, so it would drop 99 % of that bias: not named."""
+    from pruning.methods import magnitude
+
+    weight, bias = torch.zeros(768, 768), _gauss(1e-2)[:768]
+    per = {"w": delta_stats(weight), "b": delta_stats(bias)}
+    merged = merge_stats(per.values())
+    assert merged.density < 0.01 and merged.densest == 1.0
+    rec = recommend(per, has_labels=True, is_lora=False, p=0.99)
+    assert rec.method is not Method.magnitude, rec.reason
+    assert magnitude(bias, 0.99).nnz < 10  # what naming it would have stored of the bias
+    spread = {f"w{i}": delta_stats(torch.where(torch.arange(2000) % 200 == 0, 0.01, 0.0))
+              for i in range(3)}  # fmt: skip
+    rec = recommend(spread, has_labels=True, is_lora=False, p=0.99)
+    assert rec.method is Method.magnitude and "at most 0.50%" in rec.reason
+
+
 def test_delta_dare_lost_on_in_the_grid_takes_darex_q() -> None:
     """rms 2e-3 (noise ratio 0.4 at p = 0.99): where the grid had DARE 2-21 points behind."""
     s = delta_stats(_gauss(2e-3))

@@ -120,6 +120,26 @@ def test_seed_mask_matches_what_pruning_drew() -> None:
         assert torch.equal(dd.values, sd.values.float())
 
 
+def test_values_past_float16_are_stored_as_float32_not_inf() -> None:
+    """DARE at p = 0.9999 scales by 1e4: |d| = 7 becomes 70,000, past fp16's 65,504."""
+    from pruning.methods import dare, magnitude
+
+    d = torch.full((64, 64), 7.0)
+    d[0, 0] = 1e-3
+    sd = dare(d, 0.9999, seed=3, name="w")
+    assert sd.nnz > 0 and float(sd.values.abs().max()) > 65504
+    for enc in ("seed", "explicit"):
+        out = decode(encode_sparse(sd, "w", encoding=enc, value_dtype="float16"))
+        assert torch.isfinite(out.values).all() and torch.equal(out.values, sd.values.float())
+    h16 = dare(d.half(), 0.9999, seed=3, name="w")  # an fp16 delta: rescaled in fp32, kept so
+    assert torch.isfinite(h16.values).all() and torch.equal(h16.values.float(), sd.values)
+    small = magnitude(d * 1e-3, 0.9)  # values that fit stay float16
+    blob = encode_sparse(small, "w", value_dtype="float16")
+    assert decode(blob).values.dtype == torch.float16
+    big = torch.full((3, 3), 1e5)
+    assert torch.equal(decode_dense(encode_dense(big, "b", value_dtype="float16")), big)
+
+
 def test_seed_encoding_refuses_a_delta_not_drawn_by_the_mask() -> None:
     with pytest.raises(ValueError, match="seed mask"):
         encode_sparse(random_delta((10, 10), 0.3, 0), "w", encoding="seed")
