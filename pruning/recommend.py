@@ -206,12 +206,16 @@ def recommend(
             Method.dare, {"p": p, "q": None}, f"LoRA delta B@A, no data to pick q: DARE ({where})"
         )
     if s.size and s.densest <= 1.0 - p:
+        why = (
+            "p = 0 keeps every entry"
+            if p == 0.0
+            else f"the fine-tune changed only {s.density:.2%} of the entries, at most "
+            f"{s.densest:.2%} of any tensor"
+        )
         return Recommendation(
             Method.magnitude,
             {"p": p, "q": None},
-            f"the fine-tune changed only {s.density:.2%} of the entries, at most "
-            f"{s.densest:.2%} of any tensor: magnitude keeps every one of them, exactly "
-            f"({where})",
+            f"{why}: magnitude keeps every one of them, exactly ({where})",
         )
     if has_labels:
         return Recommendation(

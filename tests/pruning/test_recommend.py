@@ -65,6 +65,8 @@ def test_magnitude_is_named_only_when_every_tensor_fits_in_1_minus_p() -> None:
               for i in range(3)}  # fmt: skip
     rec = recommend(spread, has_labels=True, is_lora=False, p=0.99)
     assert rec.method is Method.magnitude and "at most 0.50%" in rec.reason
+    rec = recommend(per, has_labels=True, is_lora=False, p=0.0)  # everything is kept
+    assert rec.method is Method.magnitude and rec.reason.startswith("p = 0 keeps every entry")
 
 
 def test_delta_dare_lost_on_in_the_grid_takes_darex_q() -> None:
