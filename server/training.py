@@ -50,6 +50,7 @@ __all__ = [
     "FinetuneError",
     "FinetuneOptions",
     "FinetuneResult",
+    "check_out_dir",
     "evaluate",
     "finetune",
     "load_finetuned",
@@ -86,6 +87,40 @@ class FinetuneOptions:
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.lora else 5e-5)
+
+    def check(self) -> None:
+        """Raise ``FinetuneError`` on a value that cannot work, before anything is loaded."""
+        if self.optimizer not in ("adam", "adamr-l2", "adamr-l1"):
+            raise FinetuneError(
+                f"unknown optimizer {self.optimizer!r}; expected adam, adamr-l2, adamr-l1"
+            )
+        if self.optimizer != "adam" and self.lora:
+            raise FinetuneError(
+                "AdamR regularises full fine-tunes; use --optimizer adam with --lora"
+            )
+        if not (math.isfinite(self.reg) and self.reg >= 0):
+            raise FinetuneError(f"--reg must be a finite number >= 0, got {self.reg}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise FinetuneError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.lora and self.rank < 1:
+            raise FinetuneError(f"--rank must be >= 1, got {self.rank}")
+        if self.lora_alpha is not None and not (
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+        ):
+            raise FinetuneError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not (0.0 <= self.warmup <= 1.0):
+            raise FinetuneError(f"warmup must be in [0, 1], got {self.warmup}")
+        for name, value, low in (
+            ("--epochs", self.epochs, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--max-length", self.max_length, 1),
+            ("--max-steps", self.max_steps, 0),  # None or 0 = epochs * steps per epoch
+            ("--max-train", self.max_train, 0),  # None or 0 = the whole train split
+            ("--max-eval", self.max_eval, 0),  # None or 0 = the whole validation split
+        ):
+            if value is not None and value < low:
+                raise FinetuneError(f"{name} must be >= {low}, got {value}")
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -257,9 +292,63 @@ def _schedule(
     )
 
 
+def check_device(name: str) -> None:
+    """Raise ``FinetuneError`` unless ``name`` is auto, cpu or an available cuda device."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise FinetuneError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FinetuneError(f"device {name!r}: no CUDA device here; use auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FinetuneError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+
+
+def check_out_dir(out: Path | str, base_dir: Path | str | None = None) -> None:
+    """Raise ``FinetuneError`` unless ``out`` may receive a fine-tune's checkpoint.
+
+    ``out`` may be missing, an empty folder or a previous run's output (a folder holding
+    ``darex_finetune.json``), which is replaced as a whole; anything else (a file, a folder
+    with other content, the base's folder, a folder inside it or one holding it) is refused,
+    so a fine-tune never deletes data it did not write.
+    """
+    out = Path(out).expanduser()
+    if base_dir is not None:
+        o, b = out.resolve(), Path(base_dir).expanduser().resolve()
+        if o == b or o.is_relative_to(b) or b.is_relative_to(o):
+            raise FinetuneError(
+                f"--out {out} must not be the base's folder ({b}), a folder inside it or one "
+                "holding it"
+            )
+    if out.is_symlink() and not out.exists():
+        raise FinetuneError(f"--out {out} is a dangling symlink")
+    if out.exists():
+        if not out.is_dir():
+            raise FinetuneError(f"--out {out} is a file, not a folder")
+        if any(out.iterdir()) and not (out / RESULT_FILE).is_file():
+            raise FinetuneError(
+                f"--out {out} is a folder that holds other files; give a new or empty folder, "
+                f"or a previous fine-tune's (with {RESULT_FILE}), which is replaced"
+            )
+    else:
+        parent = out.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise FinetuneError(f"--out {out}: {parent} is a file, not a folder")
+
+
 def _replace_dir(new: Path, dst: Path) -> None:
-    """Put folder ``new`` at ``dst``, replacing a previous run's folder as a whole, so a folder
-    with ``darex_finetune.json`` is always one complete checkpoint, never a mix of two."""
+    """Put folder ``new`` at ``dst``, replacing an empty folder or a previous run's folder as a
+    whole (``check_out_dir`` refuses anything else), so a folder with ``darex_finetune.json``
+    is always one complete checkpoint, never a mix of two."""
     new.chmod(0o755)
     old = None
     if dst.exists():
@@ -279,10 +368,10 @@ def finetune(base: BaseInfo, task: Task | str, out: Path | str, **opts: Any) -> 
     ``opts`` are the fields of ``FinetuneOptions``.
     """
     o = FinetuneOptions(**opts)
+    o.check()
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    check_out_dir(out, base.path)
     task = load_task(task) if isinstance(task, str) else task
-    out = Path(out)
-    if o.optimizer != "adam" and o.lora:
-        raise FinetuneError("AdamR regularises full fine-tunes; use --optimizer adam with --lora")
     device = pick_device(o.device)
     t0 = time.perf_counter()
     model, tokenizer = _load_model(base, task, o)
@@ -357,6 +446,7 @@ def finetune(base: BaseInfo, task: Task | str, out: Path | str, **opts: Any) -> 
     }
     try:
         (tmp / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        check_out_dir(out, base.path)  # again: something may have been put there meanwhile
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed

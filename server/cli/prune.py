@@ -65,8 +65,12 @@ class SafetensorsWriter:
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)
         self.order = [(n, d, s) for n, d, s in metas]
-        self.f = open(self.tmp, "wb")  # noqa: SIM115  (closed in close())
-        self.f.write(struct.pack("<Q", len(hb)) + hb)
+        self.f = open(self.tmp, "wb")  # noqa: SIM115  (closed in close() or abort())
+        try:
+            self.f.write(struct.pack("<Q", len(hb)) + hb)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, t: torch.Tensor) -> None:
         want = self.order.pop(0)
@@ -81,6 +85,12 @@ class SafetensorsWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (a no-op after ``close``); ``path`` is left
+        as it was."""
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _resolve(base: str, data_dir: Path) -> tuple[Path, str]:
@@ -118,19 +128,83 @@ def _errors() -> tuple[type[Exception], ...]:
     return (PruningError, StorageError, OSError, json.JSONDecodeError)
 
 
+DATA_DIR_HELP = "Where converted catalog bases are cached."
+PATTERN_HELP = (
+    "a glob matched against the whole tensor name with fnmatch ('*.attention.*'), or "
+    "'re:REGEX' searched in the name; repeat the option for several"
+)
+
+
+def _check_rate(rate: float) -> float:
+    if not (0.0 <= rate < 1.0):  # NaN fails too
+        raise typer.BadParameter(f"--rate must be in [0, 1), got {rate}")
+    return rate
+
+
+def _parse_q(q: str | None) -> float | str | None:
+    """None, a mode of ``_Q_MODES`` or a finite number > 0."""
+    if q is None or q in _Q_MODES:
+        return q
+    try:
+        value = float(q)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(
+            f"--q must be a number > 0 or one of {', '.join(_Q_MODES)}; got {q!r}"
+        )
+    return value
+
+
+def _check_file(path: Path | None, option: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise typer.BadParameter(f"{option} {path} is a folder; give a file")
+    if not path.is_file():
+        raise typer.BadParameter(f"{option} {path}: no such file")
+
+
+def _check_patterns(include: list[str] | None, exclude: list[str] | None) -> None:
+    """A bad ``re:`` pattern is a usage error, found before anything is read."""
+    from pruning.errors import PruningError
+    from pruning.select import Selector
+
+    try:
+        Selector(include=tuple(include or ("*",)), exclude=tuple(exclude or ()))
+    except PruningError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _check_out(out: Path, finetuned: Path, base_dir: Path) -> None:
+    """--out must be usable and must not hold the inputs: the merged checkpoint would be
+    written over the fine-tune's or the base's weights."""
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"--out {out} is a file, not a folder")
+    o, ft = out.resolve(), finetuned.resolve()
+    inputs = {ft, base_dir.resolve()} | ({ft.parent} if ft.is_file() else set())
+    if o in inputs:
+        raise typer.BadParameter(
+            f"--out must not be the fine-tune's or the base's folder, got {out}"
+        )
+
+
 @app.command()
 def inspect(
     base: Annotated[str, typer.Argument(help="Catalog name (minilm-l6, ...) or HF folder.")],
     finetuned: Annotated[Path, typer.Argument(help="Fine-tuned HF folder or .safetensors.")],
-    rate: Annotated[float, typer.Option(help="Target pruning rate p.")] = 0.99,
-    limit: Annotated[int, typer.Option(help="Rows of the per-tensor table (0 = all).")] = 30,
-    data_dir: Annotated[Path, typer.Option(envvar="DAREX_DATA_DIR")] = DEFAULT_DATA_DIR,
+    rate: Annotated[float, typer.Option(help="Target pruning rate p in [0, 1).")] = 0.99,
+    limit: Annotated[int, typer.Option(min=0, help="Rows of the per-tensor table (0 = all).")] = 30,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="DAREX_DATA_DIR", help=DATA_DIR_HELP)
+    ] = DEFAULT_DATA_DIR,
 ) -> None:
     """Print delta statistics per tensor and the recommended pruning method."""
     from pruning.delta import compute_delta
     from pruning.recommend import delta_stats, merge_stats, recommend
     from pruning.select import default_patterns
 
+    _check_rate(rate)  # before the scan
     try:
         _, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
         sel = default_patterns(arch)
@@ -304,22 +378,42 @@ def prune(
     per: Annotated[str, typer.Option(help="WANDA: top-k per 'row' or 'tensor'.")] = "row",
     axis: Annotated[str, typer.Option(help="structural: drop 'row's or 'col's.")] = "row",
     eta: Annotated[float, typer.Option(help="Knob of the analytical q.")] = 0.45,
-    include: Annotated[list[str] | None, typer.Option(help="Pattern of tensors to prune.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Pattern to keep exact.")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration lines used.")] = 64,
-    data_dir: Annotated[Path, typer.Option(envvar="DAREX_DATA_DIR")] = DEFAULT_DATA_DIR,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Tensors to prune (replaces the defaults): {PATTERN_HELP}. Names are the base's."
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Tensors to keep exact (added to the defaults): {PATTERN_HELP}."),
+    ] = None,
+    calib_samples: Annotated[int, typer.Option(min=1, help="Calibration lines used.")] = 64,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="DAREX_DATA_DIR", help=DATA_DIR_HELP)
+    ] = DEFAULT_DATA_DIR,
 ) -> None:
     """Prune the delta FINETUNED - BASE and write the merged checkpoint to --out."""
     from pruning.delta import compute_delta
-    from pruning.methods import Method, check_rate, method_for, prune_tensor
+    from pruning.methods import Method, method_for, prune_tensor
     from pruning.select import make_selector
 
+    writer: SafetensorsWriter | None = None
+    created = False  # whether this run made the --out folder
     try:
-        p = check_rate(rate, "<--rate>")
+        p = _check_rate(rate)
         m = Method(method) if method in {x.value for x in Method} else None
         if m is None:
-            raise typer.BadParameter(f"unknown method {method!r}")
-        q_mode = None if q is None else q if q in _Q_MODES else float(q)
+            known = ", ".join(x.value for x in Method)
+            raise typer.BadParameter(f"unknown method {method!r}; methods: {known}")
+        q_mode = _parse_q(q)
+        if per not in ("row", "tensor"):
+            raise typer.BadParameter(f"--per must be 'row' or 'tensor', got {per!r}")
+        if axis not in ("row", "col"):
+            raise typer.BadParameter(f"--axis must be 'row' or 'col', got {axis!r}")
+        _check_file(calib, "--calib")
+        _check_file(val, "--val")
+        _check_patterns(include, exclude)
         if m is Method.darex_q and q_mode is None:
             raise typer.BadParameter(
                 "darex_q needs --q FLOAT, labeled, outchange, auto or analytical"
@@ -334,11 +428,22 @@ def prune(
             raise typer.BadParameter("--val is read by --q labeled only")
         needs_calib = m is Method.wanda or (isinstance(q_mode, str) and q_mode != "labeled")
         if needs_calib and calib is None:
-            raise typer.BadParameter(f"--method {method} --q {q} needs --calib FILE")
+            which = f"--method {method}" if q is None else f"--method {method} --q {q}"
+            raise typer.BadParameter(f"{which} needs --calib FILE")
         base_dir, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
+        _check_out(out, Path(finetuned), Path(base_dir))
         sel = make_selector(arch, include, exclude)
         stats = {}
         ft_to_base = {fn: bn for bn, fn in plan.pairs.items()}
+        if (include or exclude) and not any(
+            f.meta[fn].dtype.is_floating_point and sel.matches(bn) for fn, bn in ft_to_base.items()
+        ):
+            given = [f"--include {x!r}" for x in include or ()]
+            given += [f"--exclude {x!r}" for x in exclude or ()]
+            raise typer.BadParameter(
+                f"no tensor left to prune with {' '.join(given)} (tensor names are the "
+                f"base's, e.g. {next(iter(plan.pairs), '-')!r})"
+            )
         found = None
         if val is not None:
             deltas = _pruned_deltas(b, f, ft_to_base, sel)
@@ -352,6 +457,7 @@ def prune(
         elif calib is not None:
             batches = _calib_batches(calib, [Path(finetuned), base_dir], calib_samples, 128)
             stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         names = f.names()
         metas = [(n, f.meta[n].dtype, f.meta[n].shape) for n in names]
@@ -420,11 +526,16 @@ def prune(
                 "tried": [list(t) for t in found.tried],
             }
         (out / "darex_prune.json").write_text(json.dumps(summary, indent=1))
+        created = False  # complete: kept whatever happens next
         console.print(
             f"pruned {len(report)} tensors ({m.value}, p={p}): kept {kept:,} of {total:,} "
             f"entries ({kept / max(total, 1):.2%}); wrote {out}"
         )
-    except _errors() as e:
-        raise _fail(e) from e
-    except ValueError as e:
-        raise _fail(e) from e
+    except BaseException as e:  # no partial model.tmp, no folder left by this run
+        if writer is not None:
+            writer.abort()
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, (*_errors(), ValueError)):
+            raise _fail(e) from e
+        raise
