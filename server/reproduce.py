@@ -254,6 +254,7 @@ def reference_rows(st: Setting) -> list[Row]:
         "spread": stats.spread,
         "base_rms": stats.base_rms,
         "density": stats.density,
+        "max_density": stats.densest,
     }
     dt = time.perf_counter() - t0
     return [
@@ -462,6 +463,7 @@ def pick_from_reference(ref: Row, spec: str, p: float, has_labels: bool = True) 
         max_abs=0.0,
         base_rms=e.get("base_rms"),
         size=size,
+        max_density=e.get("max_density"),  # rows before it: their merged density
     )
     return _pick(stats, spec, p, has_labels)[0]
 

@@ -6,10 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "change-me"
+REGISTRY_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 
 
 class Settings(BaseSettings):
@@ -56,12 +57,18 @@ class Settings(BaseSettings):
         4, description="Batches of the active model before a waiting model gets the engine."
     )
     max_new_tokens: int = Field(512, description="Upper bound on max_tokens per request.")
-    default_rate: float = Field(0.99, description="Pruning rate used when an upload names none.")
+    default_rate: float = Field(
+        0.99,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="Pruning rate used when an upload names none (0 <= p < 1).",
+    )
     ray_models: int = Field(
         8, description="Fine-tunes one Ray Serve replica keeps resident (model multiplexing)."
     )
     host: str = Field("127.0.0.1", description="Bind address of `darex serve`.")
-    port: int = Field(8000, description="Port of `darex serve`.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of `darex serve` (0 to 65535).")
     log_level: str = Field("INFO", description="Python logging level.")
     log_json: bool = Field(True, description="One JSON object per log line.")
 
@@ -73,6 +80,17 @@ class Settings(BaseSettings):
         if isinstance(v, SecretStr):
             v = v.get_secret_value()
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_scheme(cls, v: str) -> str:
+        """Refused here, so that `darex config` reports it, not only the first store opened."""
+        if v and not v.startswith(REGISTRY_SCHEMES):
+            raise ValueError(
+                "should be empty (SQLite in the data dir), sqlite:///path or "
+                "redis://host:port/db (rediss://, unix:// too)"
+            )
+        return v
 
     def check_serving(self) -> None:
         """Refuse to serve with the default admin token outside development.
@@ -94,3 +112,27 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+_SECRET_FIELDS = frozenset({"admin_token", "api_key"})
+
+
+def describe_error(e: ValidationError) -> str:
+    """A ``Settings`` validation error as one line, each bad field named by its variable:
+    ``DAREX_PORT should be a valid integer, unable to parse string as an integer (got 'abc')``.
+    """
+    parts = []
+    for err in e.errors(include_url=False):
+        loc = err.get("loc") or ()
+        field = str(loc[0]) if loc else ""
+        name = f"DAREX_{field.upper()}" if field in Settings.model_fields else field or "settings"
+        msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+        msg = "should " + msg.removeprefix("Input should ") if msg.startswith("Input ") else msg
+        given = err.get("input")
+        if field in _SECRET_FIELDS:
+            got = ""
+        else:
+            shown = repr(str(given) if isinstance(given, Path) else given)
+            got = f" (got {shown[:77] + '...' if len(shown) > 80 else shown})"
+        parts.append(f"{name} {msg}{got}")
+    return "; ".join(parts) or str(e).splitlines()[0]

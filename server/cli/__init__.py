@@ -1,8 +1,22 @@
-"""The ``darex`` command line. Each submodule registers its commands on ``app``."""
+"""The ``darex`` command line. Each submodule registers its commands on ``app``.
+
+Error conventions: a usage error (a bad option value, a bad ``DAREX_*`` value, options
+that conflict) exits 2 and a runtime failure (an unknown model, a corrupt store) exits 1,
+each with one ``error: ...`` line on stderr, no traceback.
+"""
 
 from __future__ import annotations
 
+import errno
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 app = typer.Typer(
     name="darex",
@@ -10,6 +24,64 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def error_exit(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: <message>`` as one line on stderr; return the ``Exit`` to raise."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    return typer.Exit(code)
+
+
+def cli_settings(factory: Callable[[], Settings] | None = None) -> Settings:
+    """The settings (``get_settings()`` unless ``factory`` builds them); a bad ``DAREX_*``
+    value exits 2 with one line naming the variable, what it expects and the value."""
+    from pydantic import ValidationError
+
+    from server.settings import describe_error, get_settings
+
+    try:
+        return (factory or get_settings)()
+    except ValidationError as e:
+        raise error_exit(describe_error(e), 2) from None
+    except ValueError as e:  # pydantic_settings.SettingsError: e.g. an unreadable .env
+        raise error_exit(str(e), 2) from None
+
+
+def check_data_dir(data_dir: Path, *, create: bool) -> None:
+    """``DAREX_DATA_DIR`` must be a folder. Commands that only read the store (``create``
+    False) refuse a missing one rather than create it (a typo would show an empty store)."""
+    if data_dir.is_dir():
+        return
+    if data_dir.exists():
+        raise error_exit(f"DAREX_DATA_DIR={data_dir} is not a directory", 2)
+    if not create:
+        raise error_exit(
+            f"DAREX_DATA_DIR={data_dir} does not exist (nothing stored there; "
+            "`darex add` or `darex serve` creates it)",
+            2,
+        )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error_exit(f"DAREX_DATA_DIR={data_dir}: cannot create it ({e.strerror})", 2) from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, so that a taken port is refused (exit 1) before
+    a base is loaded rather than after. Port 0 (any free port) always passes."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise error_exit(f"host {host!r} does not resolve ({e})", 2) from None
+    family, kind, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(addr)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise error_exit(f"port {port} on {host} is in use", 1) from None
+        raise error_exit(f"cannot bind {host}:{port} ({e.strerror or e})", 1) from None
 
 
 def main() -> None:

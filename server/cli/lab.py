@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli import app
-from server.settings import Settings, get_settings
+from server.cli import app, check_port_free, cli_settings, error_exit
+from server.settings import Settings
 
 console = Console()
 
@@ -82,6 +82,7 @@ def reproduce(
     """
     from server import reproduce as rp
     from storage.bases import resolve_base
+    from storage.errors import BadCheckpoint, UnknownBase
     from storage.tasks import list_tasks, load_task
 
     if device not in ("auto", "cpu", "cuda"):
@@ -91,9 +92,23 @@ def reproduce(
 
         if not torch.cuda.is_available():
             raise typer.BadParameter("no CUDA device here; use auto or cpu", param_hint="--device")
-    s = get_settings()
+    try:
+        given_rates = tuple(float(x) for x in rates.split(",")) if rates else ()
+    except ValueError:
+        raise typer.BadParameter(
+            f"{rates!r}: comma-separated numbers, e.g. 0.9,0.99", param_hint="--rates"
+        ) from None
+    if bad_r := [r for r in given_rates if not 0.0 <= r < 1.0]:  # NaN too
+        raise typer.BadParameter(
+            f"pruning rates must be in [0, 1), got {', '.join(map(str, bad_r))}",
+            param_hint="--rates",
+        )
+    s = cli_settings()
     t0 = time.perf_counter()
-    info = resolve_base(base, s.data_dir)
+    try:
+        info = resolve_base(base, s.data_dir)
+    except (UnknownBase, BadCheckpoint) as e:
+        raise typer.BadParameter(str(e), param_hint="--base") from None
     if quick:
         res = rp.quick(work / "quick", info, load_task("rt-sentiment"), device=device)
         console.print(_rows_table(res.rows, f"darex reproduce --quick ({res.seconds:.0f} s)"))
@@ -118,7 +133,7 @@ def reproduce(
                 f"unknown fine-tune spec(s) {unknown}; {info.arch} specs: {', '.join(specs)}",
                 param_hint="--part",
             )
-        rate_list = tuple(float(x) for x in rates.split(",")) if rates else rp.RATES
+        rate_list = given_rates or rp.RATES
         method_list = tuple(methods.split(",")) if methods else rp.METHODS
         if bad_m := [m for m in method_list if m not in rp.METHODS]:
             raise typer.BadParameter(
@@ -185,21 +200,30 @@ def demo(
     steps: int | None = typer.Option(None, help="Fine-tune steps (default one epoch)."),
     train: int = typer.Option(2000, help="Training examples per fine-tune."),
     eval_n: int = typer.Option(400, "--eval", help="Test examples for the accuracy table."),
-    rate: float = typer.Option(0.99, help="Pruning rate of the stored deltas."),
+    rate: float = typer.Option(0.99, help="Pruning rate of the stored deltas, 0 <= p < 1."),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the server afterwards."),
     host: str | None = typer.Option(None, help="Bind address (default DAREX_HOST)."),
-    port: int | None = typer.Option(None, help="Port (default DAREX_PORT)."),
+    port: int | None = typer.Option(None, min=0, max=65535, help="Port (default DAREX_PORT)."),
 ) -> None:
     """Fine-tune small demo models, store them at p = 0.99, print a table, then serve them."""
     from server.demo import DemoBudget, build_one, default_tasks, usage_lines
     from storage.bases import resolve_base
+    from storage.errors import BadCheckpoint, UnknownBase
     from storage.registry import open_registry
     from storage.store import DeltaStore
 
+    if not 0.0 <= rate < 1.0:  # NaN too
+        raise error_exit(f"--rate: the pruning rate p must be in [0, 1), got {rate}", 2)
     if not os.environ.get("DAREX_ADMIN_TOKEN"):
         os.environ.setdefault("DAREX_ENV", "development")
-    s = Settings()
-    info = resolve_base(base or s.base, s.data_dir)
+    s = cli_settings(Settings)
+    try:
+        info = resolve_base(base or s.base, s.data_dir)
+    except (UnknownBase, BadCheckpoint) as e:
+        where = "--base" if base else "DAREX_BASE"
+        raise error_exit(f"{where}: {type(e).__name__}: {e}", 2) from None
+    if serve:  # refused now, not after the fine-tunes
+        check_port_free(host or s.host, port if port is not None else s.port)
     store = DeltaStore(s.data_dir, open_registry(s.registry))
     budget = DemoBudget(steps=steps, train=train, eval_n=eval_n)
     rows = []

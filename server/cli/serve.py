@@ -6,44 +6,61 @@ import json
 
 import typer
 
-from server.cli import app
+from server.cli import app, check_data_dir, check_port_free, cli_settings, error_exit
 
 
 @app.command()
 def serve(
     host: str = typer.Option(None, help="Bind address (default: DAREX_HOST, 127.0.0.1)."),
-    port: int = typer.Option(None, help="Port (default: DAREX_PORT, 8000)."),
+    port: int = typer.Option(
+        None, min=0, max=65535, help="Port, 0 = any free one (default: DAREX_PORT, 8000)."
+    ),
     ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve model multiplexing."),
     replicas: int = typer.Option(1, help="Ray Serve replicas (with --ray)."),
     ray_address: str = typer.Option(
         None, help="Ray cluster address (with --ray); default: start a local instance."
     ),
 ) -> None:
-    """Serve the resident base and every stored fine-tune over HTTP (OpenAI-compatible)."""
-    import uvicorn
+    """Serve the resident base and every stored fine-tune over HTTP (OpenAI-compatible).
 
-    from server.api import create_app
+    Bad settings, a taken port and an unknown DAREX_BASE are refused before the base loads.
+    """
     from server.logging import setup_logging
-    from server.settings import get_settings
+    from storage.bases import resolve_base
+    from storage.errors import StorageError
 
+    settings = cli_settings()
     try:
-        settings = get_settings()
         settings.check_serving()
     except ValueError as e:  # e.g. the default admin token outside development
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    setup_logging(settings.log_level, settings.log_json)
-    if host or port:
+        raise error_exit(str(e), 2) from None
+    if host is not None or port is not None:
         settings = settings.model_copy(
-            update={"host": host or settings.host, "port": port or settings.port}
+            update={
+                "host": host if host is not None else settings.host,
+                "port": port if port is not None else settings.port,
+            }
         )
+    check_data_dir(settings.data_dir, create=True)
+    check_port_free(settings.host, settings.port)
+    try:
+        info = resolve_base(settings.base, settings.data_dir)
+    except (StorageError, ValueError) as e:  # UnknownBase, BadCheckpoint: DAREX_BASE
+        raise error_exit(f"DAREX_BASE: {type(e).__name__}: {e}", 2) from None
+    except OSError as e:
+        raise error_exit(f"DAREX_BASE: {type(e).__name__}: {e}", 1) from None
+    setup_logging(settings.log_level, settings.log_json)
     if ray:
         from server.ray_app import serve_ray
 
         serve_ray(settings, num_replicas=replicas, address=ray_address)
         return
+    import uvicorn
+
+    from server.api import create_app
+
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, base=info),
         host=settings.host,
         port=settings.port,
         log_config=None,  # our handler, one JSON line per record
@@ -56,11 +73,7 @@ def show_config() -> None:
     """Print the effective settings (environment + .env + defaults), secrets masked."""
     from server.settings import Settings
 
-    try:
-        settings = Settings()
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    settings = cli_settings(Settings)
     out = {}
     for name in Settings.model_fields:
         value = getattr(settings, name)

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli import app
-from server.settings import get_settings
+from server.cli import app, check_data_dir, cli_settings, error_exit
+
+if TYPE_CHECKING:
+    from storage.store import DeltaStore
 
 console = Console()
 
+SEED_MASK_METHODS = ("dare", "darex_q")  # the methods whose kept entries a seed redraws
 
-def _store():
+
+def _store(*, create: bool = False) -> DeltaStore:
+    """The store of ``DAREX_DATA_DIR``; only ``add`` (``create``) makes a missing folder."""
+    import sqlite3
+
+    from storage.errors import StorageError
     from storage.store import DeltaStore
 
-    s = get_settings()
-    return DeltaStore(s.data_dir, s.registry)
+    s = cli_settings()
+    check_data_dir(s.data_dir, create=create)
+    try:
+        return DeltaStore(s.data_dir, s.registry)
+    except (StorageError, OSError, sqlite3.Error, ValueError) as e:
+        raise _fail(e) from None
 
 
 def _size(n: int) -> str:
@@ -30,9 +43,65 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _fail(e: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
-    return typer.Exit(1)
+def _fail(e: Exception, code: int = 1) -> typer.Exit:
+    """One ``error: <Type>: <message>`` line on stderr (never wrapped); exit 1 by default."""
+    return error_exit(f"{type(e).__name__}: {e}", code)
+
+
+def _check_add_options(
+    method: str | None,
+    rate: float | None,
+    default_rate: float,
+    q: float | None,
+    encoding: str,
+    values: str,
+    calib: Path | None,
+    val: Path | None,
+) -> str | None:
+    """Refuse bad or conflicting ``darex add`` options before any work (exit 2, naming the
+    option). Returns the method: ``--q`` without ``--method`` means ``darex_q``."""
+    from pruning.errors import PruningError
+    from pruning.methods import Method
+    from storage.codec import VALUE_DTYPES
+    from storage.ingest import ENCODING_CHOICES
+    from storage.labeled import check_val_options
+
+    def bad(option: str, why: str) -> typer.Exit:
+        return error_exit(f"{option}: {why}", 2)
+
+    methods = [m.value for m in Method]
+    if method is not None and method not in methods:
+        raise bad("--method", f"{method!r} is not one of {', '.join(methods)}")
+    if rate is not None and not (0.0 <= rate < 1.0):  # NaN fails this too
+        raise bad("--rate", f"the pruning rate p must be in [0, 1), got {rate}")
+    if rate is None and not (0.0 <= default_rate < 1.0):
+        raise bad("DAREX_DEFAULT_RATE", f"must be in [0, 1), got {default_rate}")
+    if q is not None and not (q > 0.0 and math.isfinite(q)):
+        raise bad("--q", f"the rescale q must be a finite number > 0, got {q}")
+    if encoding not in ENCODING_CHOICES:
+        raise bad("--encoding", f"{encoding!r} is not one of {', '.join(ENCODING_CHOICES)}")
+    if values not in VALUE_DTYPES:
+        raise bad("--values", f"{values!r} is not one of {', '.join(VALUE_DTYPES)}")
+    if val is not None:
+        try:
+            check_val_options(method, q)
+        except PruningError as e:
+            raise bad("--val", str(e).removeprefix("val: ")) from None
+    if q is not None and method is None:
+        method = "darex_q"
+    if method == "dare" and q is not None:
+        raise bad("--q", "dare rescales by 1/(1-p) and takes no q; use --method darex_q")
+    if method == "darex_q" and q is None and calib is None and val is None:
+        raise bad("--method", "darex_q needs --q, or --calib or --val to search q on")
+    if method == "wanda" and calib is None:
+        raise bad("--method", "wanda needs --calib FILE (its input norms are measured on it)")
+    if encoding == "seed" and method is not None and method not in SEED_MASK_METHODS:
+        raise bad(
+            "--encoding",
+            f"seed stores the mask as its seed, which only {' and '.join(SEED_MASK_METHODS)} "
+            f"draw; method {method} needs explicit (or auto)",
+        )
+    return method
 
 
 @app.command()
@@ -43,13 +112,20 @@ def add(
         str | None,
         typer.Option(
             help="dare, darex_q, magnitude, wanda (needs --calib), structural "
-            "(default: recommended)."
+            "(default: darex_q when --q is given, else recommended)."
         ),
     ] = None,
     rate: Annotated[
-        float | None, typer.Option(help="Pruning rate p (default DAREX_DEFAULT_RATE).")
+        float | None,
+        typer.Option(help="Pruning rate p, 0 <= p < 1 (default DAREX_DEFAULT_RATE)."),
     ] = None,
-    q: Annotated[float | None, typer.Option(help="DAREx-q rescale 1/q (darex_q).")] = None,
+    q: Annotated[
+        float | None,
+        typer.Option(
+            help="DAREx-q rescale 1/q, q > 0; without --method it means --method darex_q "
+            "(dare takes none)."
+        ),
+    ] = None,
     calib: Annotated[
         Path | None,
         typer.Option(
@@ -65,7 +141,9 @@ def add(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the DARE mask.")] = 0,
-    encoding: Annotated[str, typer.Option(help="auto, seed, explicit or dense.")] = "auto",
+    encoding: Annotated[
+        str, typer.Option(help="auto, seed (dare, darex_q), explicit or dense.")
+    ] = "auto",
     values: Annotated[str, typer.Option(help="float16, bfloat16, float32 or int8.")] = "float16",
     base: Annotated[str | None, typer.Option(help="Base (default DAREX_BASE).")] = None,
     replace: Annotated[bool, typer.Option(help="Replace an existing model_id.")] = False,
@@ -73,12 +151,14 @@ def add(
     """Prune a fine-tune against the base and store it as a sparse delta."""
     from pruning.errors import PruningError
     from storage.bases import resolve_base
-    from storage.errors import StorageError
+    from storage.errors import BadCheckpoint, ModelExists, StorageError, UnknownBase
     from storage.ingest import ingest
-    from storage.labeled import check_val_options, read_labeled
+    from storage.labeled import read_labeled
     from storage.qsearch import read_calib_texts
 
-    s = get_settings()
+    s = cli_settings()
+    method = _check_add_options(method, rate, s.default_rate, q, encoding, values, calib, val)
+    store = _store(create=True)
     try:
         texts = rows = None
         if calib is not None:
@@ -86,15 +166,17 @@ def add(
             if not texts:
                 raise ValueError(f"{calib} holds no calibration text")
         if val is not None:
-            check_val_options(method, q)
             rows = read_labeled(val.read_text(), source=str(val))
-        info = resolve_base(base or s.base, s.data_dir)
+        try:
+            info = resolve_base(base or s.base, s.data_dir)
+        except (UnknownBase, BadCheckpoint) as e:  # a usage error: --base / DAREX_BASE
+            where = "--base" if base else "DAREX_BASE"
+            raise error_exit(f"{where}: {type(e).__name__}: {e}", 2) from None
         if model_id == info.name:  # a server answers this id with the base itself
             raise ValueError(
                 f"model_id {model_id!r} is the base's own id: a server serving this base "
                 "would answer it with the base; pick another id"
             )
-        store = _store()
         res = ingest(
             store,
             model_id,
@@ -111,8 +193,12 @@ def add(
             calib_texts=texts,
             val=rows,
         )
+    except ModelExists as e:
+        raise error_exit(f"{type(e).__name__}: {e} (use --replace to overwrite)") from None
     except (StorageError, PruningError, ValueError, OSError) as e:
-        raise _fail(e) from e
+        raise _fail(e) from None
+    finally:
+        store.close()
     m = res.manifest
     console.print(
         f"added [bold]{model_id}[/bold]: {m.method} p={m.p} "
@@ -131,8 +217,8 @@ def ls() -> None:
     try:
         store = _store()
         rows = [(mid, store.manifest(mid)) for mid in store.models()]
-    except StorageError as e:
-        raise _fail(e) from e
+    except (StorageError, OSError, ValueError) as e:
+        raise _fail(e) from None
     table = Table("model_id", "task", "method", "p", "q", "size", "ratio", "created")
     for mid, m in rows:
         q = m.q if not isinstance(m.q, dict) else "per-layer"
@@ -156,18 +242,30 @@ def rm(model_id: Annotated[str, typer.Argument(help="Model to delete.")]) -> Non
 
     try:
         gone = _store().delete(model_id)
-    except StorageError as e:
-        raise _fail(e) from e
+    except (StorageError, OSError, ValueError) as e:
+        raise _fail(e) from None
     if not gone:
         console.print(f"[red]error:[/red] model {model_id!r} is not registered")
         raise typer.Exit(1)
     console.print(f"removed {model_id}")
 
 
+def _not_nan(value: float) -> float:
+    if math.isnan(value):  # click's FloatRange (older typer) lets NaN past min=0
+        raise typer.BadParameter("nan is not a number of seconds >= 0")
+    return value
+
+
 @app.command()
 def gc(
     grace_s: Annotated[
-        float, typer.Option(help="Keep unreferenced blobs younger than this (in-flight ingests).")
+        float,
+        typer.Option(
+            min=0.0,
+            callback=_not_nan,
+            help="Keep unreferenced blobs younger than this many seconds, >= 0 "
+            "(in-flight ingests).",
+        ),
     ] = 3600.0,
 ) -> None:
     """Delete blobs no registered model references."""
@@ -175,8 +273,8 @@ def gc(
 
     try:
         r = _store().gc(grace_s=grace_s)
-    except StorageError as e:
-        raise _fail(e) from e
+    except (StorageError, OSError, ValueError) as e:
+        raise _fail(e) from None
     console.print(
         f"gc: deleted {r.deleted} blob(s), {_size(r.freed_bytes)} freed, kept {r.kept}, "
         f"{r.young_unreferenced} unreferenced within the grace period, "
@@ -191,8 +289,8 @@ def verify() -> None:
 
     try:
         r = _store().verify()
-    except StorageError as e:
-        raise _fail(e) from e
+    except (StorageError, OSError, ValueError) as e:
+        raise _fail(e) from None
     for p in r.problems:
         console.print(f"[red]problem:[/red] {p}")
     console.print(f"verify: {r.models} model(s), {r.blobs} blob(s), {len(r.problems)} problem(s)")

@@ -1,0 +1,105 @@
+"""`darex reproduce` and `darex demo` refuse bad arguments (exit 2) before any work."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import server.cli.lab  # noqa: F401  (registers the commands)
+from server.cli import app
+from server.settings import get_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    data = tmp_path / "data"
+    monkeypatch.setenv("DAREX_DATA_DIR", str(data))
+    monkeypatch.setenv("DAREX_ENV", "development")  # as `darex demo` would set it
+    for var in ("DAREX_REGISTRY_URL", "DAREX_PORT", "DAREX_HOST", "DAREX_BASE"):
+        monkeypatch.delenv(var, raising=False)
+    get_settings.cache_clear()
+    yield data
+    get_settings.cache_clear()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--rates", "abc"], "comma-separated numbers"),
+        (["--rates", "0.9,"], "comma-separated numbers"),
+        (["--rates", "0.9,1.5"], "[0, 1), got 1.5"),
+        (["--rates", "-0.1"], "[0, 1), got -0.1"),
+        (["--rates", "nan"], "[0, 1), got nan"),
+        (["--base", "nosuchbase"], "unknown base 'nosuchbase'"),
+    ],
+)
+def test_reproduce_refuses_bad_rates_and_bases_before_any_work(
+    args: list[str], says: str, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    r = run("reproduce", "--work", str(work), *args)
+    assert r.exit_code == 2, r.output
+    assert args[0] in r.output and says in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output
+    assert not work.exists()
+
+
+def test_reproduce_refuses_a_bad_darex_value_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DAREX_PORT", "abc")
+    r = run("reproduce", "--work", str(tmp_path / "work"))
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        "error: DAREX_PORT should be a valid integer, unable to parse string as an integer "
+        "(got 'abc')"
+    ]
+
+
+def demo(*args: str):
+    return run("demo", "--no-serve", "--steps", "1", "--train", "8", "--eval", "8", *args)
+
+
+def test_demo_refuses_an_unknown_base_in_one_line(data_dir: Path) -> None:
+    r = demo("--base", "nosuchbase")
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --base: UnknownBase: unknown base")
+    assert not (data_dir / "registry.sqlite3").exists()
+
+
+@pytest.mark.parametrize("rate", ["1.5", "-0.5", "nan"])
+def test_demo_refuses_a_rate_out_of_range(rate: str, data_dir: Path) -> None:
+    r = demo("--rate", rate)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        f"error: --rate: the pruning rate p must be in [0, 1), got {float(rate)}"
+    ]
+    assert not data_dir.exists()
+
+
+def test_demo_refuses_a_port_out_of_range() -> None:
+    r = demo("--port", "99999")
+    assert r.exit_code == 2 and "--port" in r.output, r.output
+
+
+def test_demo_refuses_a_port_in_use_before_the_fine_tunes(
+    tiny_bert_dir: Path, data_dir: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("demo", "--base", str(tiny_bert_dir), "--host", "127.0.0.1", "--port", str(port))
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [f"error: port {port} on 127.0.0.1 is in use"]
+    assert not (data_dir / "registry.sqlite3").exists()

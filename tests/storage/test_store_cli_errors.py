@@ -1,0 +1,186 @@
+"""`darex add / ls / rm / gc / verify` refuse bad settings and options in one line.
+
+Usage errors (a bad option, a bad ``DAREX_*`` value, options that conflict) exit 2 and
+runtime failures exit 1, each with one ``error:`` line, no traceback, before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import server.cli.store  # noqa: F401  (registers the commands)
+from server.cli import app
+from server.settings import get_settings
+
+runner = CliRunner()
+STORE_COMMANDS = (["ls"], ["rm", "x"], ["gc"], ["verify"])
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    data = tmp_path / "data"
+    monkeypatch.setenv("DAREX_ENV", "development")
+    monkeypatch.setenv("DAREX_DATA_DIR", str(data))
+    monkeypatch.setenv("DAREX_BASE", str(tiny_bert_dir))
+    monkeypatch.delenv("DAREX_REGISTRY_URL", raising=False)
+    get_settings.cache_clear()
+    yield data
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def ft(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(tiny_bert_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    out = tmp_path_factory.mktemp("cli-err-ft")
+    model.save_pretrained(out)
+    return out
+
+
+def run(*args: str):
+    get_settings.cache_clear()  # each run reads the environment as a fresh process would
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def one_line(output: str) -> str:
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith("error: "), output
+    assert "Traceback" not in output and "pydantic.dev" not in output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("DAREX_PORT", "abc", "valid integer"),
+        ("DAREX_PORT", "99999", "65535"),
+        ("DAREX_ENV", "prod", "'production' or 'development'"),
+        ("DAREX_DEFAULT_RATE", "abc", "number"),
+        ("DAREX_DEFAULT_RATE", "1.5", "less than 1"),
+        ("DAREX_REGISTRY_URL", "bogus", "sqlite:///"),
+    ],
+)
+@pytest.mark.parametrize("cmd", [*STORE_COMMANDS, ["add", "m", "/nonexistent"]])
+def test_a_bad_darex_value_exits_2_in_one_line_naming_it(
+    env: Path, monkeypatch: pytest.MonkeyPatch, cmd: list[str], var: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    r = run(*cmd)
+    assert r.exit_code == 2, r.output
+    line = one_line(r.output)
+    assert var in line and repr(value) in line and says in line
+    assert not env.exists()
+
+
+@pytest.mark.parametrize("cmd", [*STORE_COMMANDS, ["add", "m", "/nonexistent"]])
+def test_a_data_dir_that_is_a_file_exits_2(
+    env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cmd: list[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("DAREX_DATA_DIR", str(afile))
+    r = run(*cmd)
+    assert r.exit_code == 2, r.output
+    assert "DAREX_DATA_DIR" in one_line(r.output) and "not a directory" in r.output
+    monkeypatch.setenv("DAREX_DATA_DIR", str(afile / "sub"))  # below a file: cannot be made
+    r = run(*cmd)
+    assert r.exit_code == 2, r.output
+    assert "DAREX_DATA_DIR" in one_line(r.output)
+
+
+@pytest.mark.parametrize("cmd", STORE_COMMANDS)
+def test_read_only_commands_refuse_a_missing_data_dir_without_creating_it(
+    env: Path, cmd: list[str]
+) -> None:
+    r = run(*cmd)
+    assert r.exit_code == 2, r.output
+    assert "does not exist" in one_line(r.output) and str(env) in r.output
+    assert not env.exists()
+
+
+@pytest.mark.parametrize("grace", ["-5", "-0.5", "nan"])
+def test_gc_refuses_a_negative_or_nan_grace(env: Path, ft: Path, grace: str) -> None:
+    assert run("add", "m", str(ft), "--method", "dare", "--rate", "0.9").exit_code == 0
+    assert run("rm", "m").exit_code == 0
+    blobs = sorted(p for p in (env / "objects").rglob("*") if p.is_file())
+    r = run("gc", "--grace-s", grace)
+    assert r.exit_code == 2, r.output
+    assert "--grace-s" in r.output
+    assert sorted(p for p in (env / "objects").rglob("*") if p.is_file()) == blobs
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "says"),
+    [
+        (["--method", "foo"], "--method", "'foo' is not one of dare, darex_q"),
+        (["--q", "0"], "--q", "> 0"),
+        (["--q", "-1"], "--q", "> 0"),
+        (["--q", "nan"], "--q", "> 0"),
+        (["--values", "int4"], "--values", "'int4' is not one of float16"),
+        (["--encoding", "foo"], "--encoding", "'foo' is not one of auto, seed"),
+        (["--method", "dare", "--q", "0.5"], "--q", "use --method darex_q"),
+        (["--method", "structural", "--encoding", "seed"], "--encoding", "explicit"),
+        (["--method", "magnitude", "--encoding", "seed"], "--encoding", "explicit"),
+        (["--rate", "1.5"], "--rate", "[0, 1)"),
+        (["--rate", "-0.1"], "--rate", "[0, 1)"),
+        (["--rate", "nan"], "--rate", "[0, 1)"),
+        (["--method", "wanda"], "--method", "--calib"),
+        (["--method", "darex_q"], "--method", "--calib or --val"),
+        (["--method", "dare", "--val", "v.jsonl"], "--val", "method dare takes no q"),
+        (["--q", "0.5", "--val", "v.jsonl"], "--val", "either q or val"),
+    ],
+)
+def test_add_refuses_bad_options_up_front_naming_the_option(
+    env: Path, ft: Path, args: list[str], option: str, says: str
+) -> None:
+    r = run("add", "m", str(ft), *args)
+    assert r.exit_code == 2, r.output
+    line = one_line(r.output)
+    assert line.startswith(f"error: {option}: ") and says in line, line
+    assert "tensor" not in line and "ingest" not in r.output  # no tensor was looked at
+    assert not env.exists()  # before any work: not even the store was opened
+
+
+def test_add_q_without_method_means_darex_q(env: Path, ft: Path) -> None:
+    from storage.store import DeltaStore
+
+    r = run("add", "m", str(ft), "--q", "0.5", "--rate", "0.9")
+    assert r.exit_code == 0, r.output
+    assert "darex_q p=0.9 q=0.5" in r.output
+    store = DeltaStore(env, f"sqlite:///{env / 'registry.sqlite3'}")
+    try:
+        m = store.manifest("m")
+        assert (m.method, m.q) == ("darex_q", 0.5)
+    finally:
+        store.close()
+
+
+def test_add_of_an_existing_id_points_at_replace(env: Path, ft: Path) -> None:
+    args = ("add", "m", str(ft), "--method", "dare", "--rate", "0.9")
+    assert run(*args).exit_code == 0
+    r = run(*args)
+    assert r.exit_code == 1, r.output
+    line = one_line(r.output)
+    assert "already registered" in line and "(use --replace to overwrite)" in line
+    assert run(*args, "--replace").exit_code == 0
+
+
+def test_add_of_an_unknown_base_exits_2_naming_where_it_came_from(
+    env: Path, ft: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    r = run("add", "m", str(ft), "--method", "dare", "--base", str(tmp_path / "nope"))
+    assert r.exit_code == 2, r.output
+    assert one_line(r.output).startswith("error: --base: UnknownBase: unknown base")
+    monkeypatch.setenv("DAREX_BASE", str(tmp_path / "nope"))
+    r = run("add", "m", str(ft), "--method", "dare")
+    assert r.exit_code == 2, r.output
+    assert one_line(r.output).startswith("error: DAREX_BASE: UnknownBase: unknown base")
