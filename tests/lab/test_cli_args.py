@@ -6,13 +6,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import server.cli.lab  # noqa: F401  (registers the commands)
-from server.cli import app
 from server.settings import get_settings
-
-runner = CliRunner()
+from tests.cli_util import run
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +22,6 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     get_settings.cache_clear()
     yield data
     get_settings.cache_clear()
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from server.generation import encode_prompt
 from storage.bases import resolve_base
 from storage.registry import open_registry
 from storage.store import DeltaStore
+from tests.reliability.live import wait_job
 from tests.server.finetunes import (
     multipart_files,
     reference_generate,
@@ -27,16 +27,6 @@ from tests.server.finetunes import (
 from tests.server.live import ADMIN_TOKEN, make_settings
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def wait_job(client: TestClient | httpx.Client, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/admin/jobs/{job_id}", headers=AUTH).json()
-        if job["state"] in ("done", "failed"):
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(job)
 
 
 def upload(client, folder: Path, model_id: str, **fields) -> dict:

@@ -11,13 +11,10 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from typer.testing import CliRunner
 
 import server.cli.serve  # noqa: F401  (registers the commands)
-from server.cli import app
 from server.settings import Settings, describe_error, get_settings
-
-runner = CliRunner()
+from tests.cli_util import one_line, run
 
 
 @pytest.fixture
@@ -42,19 +39,6 @@ def calls(
     get_settings.cache_clear()
     yield seen
     get_settings.cache_clear()
-
-
-def run(*args: str):
-    get_settings.cache_clear()
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def one_line(output: str) -> str:
-    lines = output.strip().splitlines()
-    assert len(lines) == 1, output
-    assert lines[0].startswith("error: "), output
-    assert "Traceback" not in output and "pydantic.dev" not in output
-    return lines[0]
 
 
 def free_port() -> int:

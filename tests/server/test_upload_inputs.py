@@ -12,7 +12,6 @@ import json
 import os
 import sqlite3
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from server.api import create_app
 from server.deltas import ModelDelta
 from storage.bases import resolve_base
+from tests.reliability.live import wait_job
 from tests.server.finetunes import (
     apply_dense,
     multipart_files,
@@ -154,16 +154,6 @@ def post_raw(client: TestClient, body: bytes, boundary: str = "XYZ") -> tuple[ht
     before = _jobs(client)
     headers = {**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"}
     return client.post("/admin/models", headers=headers, content=body), before
-
-
-def wait_job(client: TestClient, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/admin/jobs/{job_id}", headers=AUTH).json()
-        if job["state"] in ("done", "failed"):
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(job)
 
 
 # ---------------------------------------------------------------- multipart framing

@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+from server.settings import get_settings
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -75,3 +78,31 @@ def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     client.flushdb()
     client.close()
     yield url
+
+
+# -- `darex add / ls / rm / gc / verify` (test_store_cli*.py) ------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    data = tmp_path / "data"
+    monkeypatch.setenv("DAREX_ENV", "development")
+    monkeypatch.setenv("DAREX_DATA_DIR", str(data))
+    monkeypatch.setenv("DAREX_BASE", str(tiny_bert_dir))
+    monkeypatch.delenv("DAREX_REGISTRY_URL", raising=False)
+    get_settings.cache_clear()
+    yield data
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def ft(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(tiny_bert_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    out = tmp_path_factory.mktemp("cli-ft")
+    model.save_pretrained(out)
+    return out

@@ -4,44 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
-from typer.testing import CliRunner
-
 import server.cli.store  # noqa: F401  (registers the commands)
-from server.cli import app
-from server.settings import get_settings
-
-runner = CliRunner()
-
-
-@pytest.fixture
-def env(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    data = tmp_path / "data"
-    monkeypatch.setenv("DAREX_ENV", "development")
-    monkeypatch.setenv("DAREX_DATA_DIR", str(data))
-    monkeypatch.setenv("DAREX_BASE", str(tiny_bert_dir))
-    monkeypatch.delenv("DAREX_REGISTRY_URL", raising=False)
-    get_settings.cache_clear()
-    yield data
-    get_settings.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def ft(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import BertModel
-
-    model = BertModel.from_pretrained(tiny_bert_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)
-    out = tmp_path_factory.mktemp("cli-ft")
-    model.save_pretrained(out)
-    return out
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
+from tests.cli_util import run
 
 
 def test_add_ls_verify_rm_gc(env: Path, ft: Path) -> None:
