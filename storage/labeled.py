@@ -18,8 +18,8 @@ upward for the best metric, then a 4x finer grid around it (``labeled_q``).
 magnitude and WANDA (input norms measured on the examples' texts) at the same rate and
 keeps the best of the three, ties to DAREx-q. In the reproduction grid
 (docs/results/reproduce.md) that choice came within a point of each cell's best method
-in 147 of 208 cells, 1.3 points below the best on average, where DAREx-q alone did in
-145 (1.9): most of the gain is one cell where the q search found nothing above 0 and
+in 149 of 210 cells, 1.3 points below the best on average, where DAREx-q alone did in
+147 (1.8): most of the gain is one cell where the q search found nothing above 0 and
 WANDA kept 87.0.
 """
 
