@@ -13,6 +13,11 @@ class SchedulerClosed(ServerError):
     """The scheduler is shutting down and takes no more requests."""
 
 
+class ModelBusy(ServerError):
+    """A delete waited for the model's requests and they did not finish in time; the model
+    stays registered and served."""
+
+
 class WrongTask(ServerError, ValueError):
     """The model exists but does not do what the endpoint asks (e.g. classify with a causal LM)."""
 

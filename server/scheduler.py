@@ -33,7 +33,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.errors import ModelRetired, SchedulerClosed
+from server.errors import ModelBusy, ModelRetired, SchedulerClosed
 from server.generation import Chunk, Row, SamplingParams, encode_prompt, generate_batch
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,11 @@ class Scheduler:
             while self._queues.get(model_id) or self._running.get(model_id, 0):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"requests of {model_id!r} still running")
+                    n = len(self._queues.get(model_id) or ()) + self._running.get(model_id, 0)
+                    raise ModelBusy(
+                        f"model {model_id!r} still has {n} request(s) queued or running after "
+                        f"{timeout:g} s; it stays registered and served: delete it again later"
+                    )
                 self._cond.wait(left)
 
     # ------------------------------------------------------------------ worker

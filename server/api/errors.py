@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import (
     InvalidRequest,
+    ModelBusy,
     ModelRetired,
     NotReady,
     PayloadTooLarge,
@@ -61,6 +62,7 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (RegistryUnavailable, 503, "service_unavailable", "registry_unavailable"),
     (NotReady, 503, "service_unavailable", "not_ready"),
     (SchedulerClosed, 503, "service_unavailable", "shutting_down"),
+    (ModelBusy, 503, "service_unavailable", "model_busy"),
     (CorruptBlob, 500, "server_error", "corrupt_blob"),
     (MissingBlob, 500, "server_error", "missing_blob"),  # a registered model lost a blob
 ]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.errors import ModelRetired
+from server.api.errors import describe
+from server.errors import ModelBusy, ModelRetired
 from server.generation import SamplingParams
 from server.scheduler import Scheduler
 from storage.errors import UnknownModel
@@ -145,6 +146,33 @@ def test_retire_finishes_in_flight_and_refuses_new_requests(sched, llama_engine)
     assert done.finish_reason in ("length", "stop") and done.completion_tokens > 0
     assert llama_engine.active != "ft-a"
     assert "ft-a" not in llama_engine.cache_stats()["device"]["entries"]
+
+
+def test_a_retire_that_outlasts_its_wait_is_model_busy_and_the_model_stays(
+    sched, llama_engine
+) -> None:
+    """DELETE's wait has a bound: past it the delete fails with ModelBusy (503, saying to
+    try again), nothing is unregistered, and the model takes requests again."""
+    unregistered: list[str] = []
+
+    async def main():
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(sched.call(gate.wait))  # hold the worker
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(sched.complete("ft-a", "hi", SamplingParams(max_tokens=2)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ModelBusy, match="still has 1 request"):
+            await sched.retire("ft-a", timeout=0.2, then=lambda: unregistered.append("ft-a"))
+        gate.set()
+        await blocker
+        first = await queued
+        again = await sched.complete("ft-a", "hi", SamplingParams(max_tokens=2))  # not retired
+        return first, again
+
+    first, again = asyncio.run(main())
+    assert first.completion_tokens > 0 and again.completion_tokens > 0 and unregistered == []
+    status, body = describe(ModelBusy("m"))
+    assert status == 503 and body["error"]["code"] == "model_busy"
 
 
 def test_classification_batches_match_merged_models(bert_engine, tiny_bert_dir, bert_deltas):
