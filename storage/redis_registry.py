@@ -50,6 +50,12 @@ class RedisRegistry(Registry):
         self._models = f"{prefix}:models"
         self._version = f"{prefix}:models:version"
         self.channel = f"{prefix}:models:changed"
+        # HSET only if the job's hash still exists, in one step: a check then a write could
+        # recreate an expired job as a partial hash with no TTL
+        self._update_job = self._r.register_script(
+            "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+            "redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
+        )
 
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -111,10 +117,10 @@ class RedisRegistry(Registry):
         message: str | None = None,
         error: str | None = None,
     ) -> Job:
-        if not self._r.exists(self._job(job_id)):
+        fields = _to_redis(_job_fields(state, progress, message, error))
+        args = [x for kv in fields.items() for x in kv]
+        if not self._update_job(keys=[self._job(job_id)], args=args):
             raise UnknownJob(f"job {job_id!r} does not exist")
-        fields = _job_fields(state, progress, message, error)
-        self._r.hset(self._job(job_id), mapping=_to_redis(fields))
         return self.get_job(job_id)
 
     @_redis_errors

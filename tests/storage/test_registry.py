@@ -121,3 +121,20 @@ def test_redis_outage_mid_use_raises_registry_unavailable(tmp_path) -> None:
         reg.get_model("m")
     with pytest.raises(RegistryUnavailable):
         reg.create_job("m")
+
+
+def test_a_redis_job_that_expired_is_not_recreated_by_an_update(tmp_path) -> None:
+    """The existence check and the write are one step: a job whose hash expired between
+    them (simulated: EXISTS answers yes, the hash is gone) stays gone, no TTL-less stub."""
+    proc, url = start_redis(tmp_path)
+    try:
+        with open_registry(url) as reg:
+            job = reg.create_job("m")
+            reg._r.delete(reg._job(job.id))  # expired
+            reg._r.exists = lambda *keys: 1  # what a check made just before saw
+            with pytest.raises(UnknownJob):
+                reg.update_job(job.id, state="running", progress=0.5)
+            assert reg._r.hgetall(reg._job(job.id)) == {}
+    finally:
+        proc.terminate()
+        proc.wait()
