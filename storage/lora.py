@@ -27,6 +27,14 @@ from storage.errors import BadCheckpoint
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+
+
+def adapter_name(key: str) -> str:
+    """A PEFT adapter tensor's name as the model has it: PEFT's wrapper prefix dropped, and a
+    ``modules_to_save`` copy (a new head) named as the module it replaces."""
+    return key.removeprefix(_PEFT_PREFIX).replace(".modules_to_save", "")
+
+
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B|embedding_A|embedding_B)(\.weight)?$")
 
 
@@ -116,7 +124,7 @@ def read_adapter(folder: Path | str) -> LoraAdapter:
         if m is None:
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise BadCheckpoint(f"{weights}: tensor {key!r} is not a finite float tensor")
-            out.extras[name.replace(".modules_to_save", "")] = t
+            out.extras[adapter_name(key)] = t
             continue
         parts.setdefault(m["module"], {})[m["kind"]] = t
 

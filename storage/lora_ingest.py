@@ -21,6 +21,11 @@ from storage.lora import read_adapter
 _TASKS = {"SEQ_CLS": "sequence-classification", "CAUSAL_LM": "causal-lm"}
 
 
+def lora_task(config: dict) -> str:
+    """The task an adapter's ``task_type`` names (feature-extraction when it names none)."""
+    return _TASKS.get(str(config.get("task_type", "")).upper(), "feature-extraction")
+
+
 def lora_source(folder: Path, base: Checkpoint) -> Source:
     adapter = read_adapter(folder)
     names = [*adapter.modules, *adapter.extras]
@@ -53,7 +58,7 @@ def lora_source(folder: Path, base: Checkpoint) -> Source:
             deltas[bname] = lambda t=t, b=bname: t.float() - base.get(b).float()
         else:
             extras[name] = lambda t=t: t
-    task = _TASKS.get(str(adapter.config.get("task_type", "")).upper(), "feature-extraction")
+    task = lora_task(adapter.config)
     numel = sum(m.numel for m in base.meta.values() if m.dtype.is_floating_point)
     numel += sum(adapter.extras[n].numel() for n in extras)
     return Source(

@@ -102,10 +102,9 @@ def _precheck(state: AppState, folder: Path, task: str | None) -> None:
         check_tensor_count(len(raw), state.settings.max_tensors)
         if state.base is None:
             return
-        from storage.lora import _PEFT_PREFIX
+        from storage.lora import adapter_name
 
-        # named as storage.lora.read_adapter names them (PEFT prefix and wrapper dropped)
-        names = {n.removeprefix(_PEFT_PREFIX).replace(".modules_to_save", "") for n in raw}
+        names = {adapter_name(n) for n in raw}  # as storage.lora.read_adapter names them
         if task is None:
             _check_task(state, _lora_task(folder), names, "task_type in adapter_config.json")
         else:
@@ -126,7 +125,7 @@ def _precheck(state: AppState, folder: Path, task: str | None) -> None:
 def _lora_task(folder: Path) -> str:
     """The task a PEFT adapter's ``task_type`` names, as ``storage.lora_ingest`` reads it."""
     from storage.lora import read_config
-    from storage.lora_ingest import _TASKS
+    from storage.lora_ingest import lora_task
 
     try:
         cfg = read_config(folder)
@@ -134,7 +133,7 @@ def _lora_task(folder: Path) -> str:
         raise
     except (ValueError, RecursionError) as e:  # not UTF-8, nested too deeply
         raise BadCheckpoint(f"{folder / 'adapter_config.json'} is not JSON: {e}") from None
-    return _TASKS.get(str(cfg.get("task_type", "")).upper(), "feature-extraction")
+    return lora_task(cfg)
 
 
 def _check_task(state: AppState, task: str, names: set[str], implied_by: str | None = None) -> None:
