@@ -8,13 +8,16 @@ each DAREx-q choice picked against the best q found by the labeled search.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from server.reproduce import METHODS, RATES, VAL_SCORED, Row, pick_from_reference
+from server.reproduce import METHODS, RATES, VAL_SCORED, Row, pick_from_reference, read_rows
 from server.training import RESULT_FILE
+
+RECORDS = "records"  # beside a full report: its rows and fine-tune records, no weights
 
 
 def _key(r: Row) -> tuple[str, str, str]:
@@ -225,6 +228,54 @@ def recommend_hits(rows: Sequence[Row], tol: float = 0.01) -> Hits:
         for h, n, sh in (paired["compare"], paired["labels"])
     )
     return Hits(lines, policies, compared, labels_there)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def merge_records(records: Path, work: Path) -> list[Row]:
+    """Keep a report's data beside it, so the report can be rebuilt from the repository:
+    ``records`` takes the rows of ``work`` (``results.jsonl``) and its fine-tunes' records
+    (``<base>/<task>/<spec>/darex_finetune.json``; the weights stay in ``work``).
+
+    A setting that ``work`` holds and ``records`` holds from the same fine-tune (equal
+    records) is merged cell by cell, ``work``'s cells winning; from another fine-tune it
+    replaces the records' setting whole, so no table mixes two fine-tunes. Settings only in
+    ``records`` stay as they are. Each file is replaced atomically. Returns the rows."""
+    if records.resolve() == work.resolve():
+        return read_rows(work)
+    new = read_rows(work)
+    old = read_rows(records)
+    replaced = set()
+    for key in {(r.base, r.task, r.spec) for r in new}:
+        src, dst = (d.joinpath(*key, RESULT_FILE) for d in (work, records))
+        rec = src.read_text() if src.is_file() else None
+        if rec is None or not dst.is_file() or dst.read_text() != rec:
+            replaced.add(key)
+        if rec is not None:
+            _write_atomic(dst, rec)
+        else:
+            dst.unlink(missing_ok=True)
+    cells = {
+        (r.base, r.task, r.spec, r.method, r.p): r
+        for r in old
+        if (r.base, r.task, r.spec) not in replaced
+    }
+    cells.update({(r.base, r.task, r.spec, r.method, r.p): r for r in new})
+    rows = list(cells.values())
+    _write_atomic(
+        records / "results.jsonl",
+        "".join(json.dumps(asdict(r)) + "\n" for r in sorted(rows, key=_cell_order)),
+    )
+    return rows
+
+
+def _cell_order(r: Row) -> tuple:
+    return (r.base, r.task, r.spec, r.method, r.p)
 
 
 def plot_rates(rows: list[Row], path: Path, title: str) -> None:

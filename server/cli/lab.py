@@ -174,11 +174,19 @@ def reproduce(
 
 
 def _write_report(out: Path, work: Path, name: str, seconds: float, *, quick: bool) -> None:
+    """The report (markdown, PNGs) in ``out``. A full report is built from ``out/records``
+    after ``work``'s rows and fine-tune records are merged into it
+    (``reproduce_report.merge_records``), so runs in parts, on other machines too, add up
+    to one report, and the report can be rebuilt from what is kept beside it."""
     from server import reproduce as rp
     from server import reproduce_report as rr
 
-    rows = rp.read_rows(work)
     out.mkdir(parents=True, exist_ok=True)
+    if quick:
+        rows = rp.read_rows(work)
+    else:  # the rows and fine-tune records are kept in OUT/records and merged there
+        rows = rr.merge_records(out / rr.RECORDS, work)
+        work = out / rr.RECORDS
     rr.write_plots(rows, out, prefix=f"reproduce-{name}" if quick else "reproduce")
     argv = sys.argv or ["darex", "reproduce"]
     head = "python bench/reproduce.py" if argv[0].endswith("reproduce.py") else "darex"

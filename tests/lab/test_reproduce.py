@@ -412,3 +412,55 @@ def test_the_report_names_the_device_a_setting_ran_on() -> None:
     on_gpu, on_cpu = rr.table(rows("NVIDIA H200"), rec)[0], rr.table(rows(None), rec)[0]
     assert on_gpu.endswith(": 112 s; evaluations 20 s (on NVIDIA H200)"), on_gpu
     assert on_cpu.endswith(": 112 s; evaluations 20 s"), on_cpu
+
+
+def _setting(w: Path, spec: str, rec: dict, cells: dict[tuple[str, float], float]) -> None:
+    """A setting in work folder ``w``: its fine-tune record and one row per cell."""
+    d = w / "b" / "t" / spec
+    d.mkdir(parents=True, exist_ok=True)
+    (d / RESULT_FILE).write_text(json.dumps(rec))
+    rp.append_rows(
+        w, [rp.Row("b", "t", spec, m, p, v, 0.0, [0], [v]) for (m, p), v in cells.items()]
+    )
+
+
+def test_records_kept_beside_the_report_merge_runs_and_never_mix_two_fine_tunes(
+    tmp_path: Path,
+) -> None:
+    """``OUT/records`` keeps every run's rows and fine-tune records: the same fine-tune's
+    cells merge (the newer wins), another fine-tune replaces its setting whole, other
+    settings stay, and the report is rebuilt from the records alone."""
+    one, two, records = tmp_path / "one", tmp_path / "two", tmp_path / "out" / rr.RECORDS
+    _setting(one, "x", {"seconds": 1}, {("unpruned", 0.0): 0.8, ("dare", 0.9): 0.7})
+    _setting(one, "y", {"seconds": 2}, {("unpruned", 0.0): 0.6, ("dare", 0.9): 0.5})
+    rr.merge_records(records, one)
+    # a second run: x again from its fine-tune (one cell redone, one added), y retrained
+    _setting(two, "x", {"seconds": 1}, {("dare", 0.9): 0.75, ("dare", 0.99): 0.4})
+    _setting(two, "y", {"seconds": 3}, {("dare", 0.99): 0.3})
+    rows = rr.merge_records(records, two)
+    got = {(r.spec, r.method, r.p): r.mean for r in rows}
+    assert got == {
+        ("x", "unpruned", 0.0): 0.8,
+        ("x", "dare", 0.9): 0.75,
+        ("x", "dare", 0.99): 0.4,
+        ("y", "dare", 0.99): 0.3,  # y's cells of the earlier fine-tune are gone
+    }
+    assert json.loads((records / "b" / "t" / "y" / RESULT_FILE).read_text()) == {"seconds": 3}
+    assert not list(records.rglob("*.tmp"))
+    assert {(r.spec, r.method, r.p): r.mean for r in rp.read_rows(records)} == got
+    # the CLI: a report from the records alone (an empty work folder adds nothing)
+    res = CliRunner().invoke(
+        app,
+        [
+            "reproduce",
+            "--report-only",
+            "--work",
+            str(tmp_path / "none"),
+            "--out",
+            str(records.parent),
+        ],
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    md = (records.parent / "reproduce-full.md").read_text()
+    assert "### b / t / x" in md and "| dare | 75.0 | 40.0 |" in md
+    assert {(r.spec, r.method, r.p): r.mean for r in rp.read_rows(records)} == got
