@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 console = Console()
 DEFAULT_DATA_DIR = Settings.model_fields["data_dir"].default
 _Q_MODES = ("outchange", "labeled", "auto", "analytical")
+PRUNE_RECORD = "darex_prune.json"  # what marks a folder as a prune's output
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _ST_DTYPE = {
     torch.float64: "F64",
@@ -187,6 +188,13 @@ def _check_out(out: Path, finetuned: Path, base_dir: Path) -> None:
         raise typer.BadParameter(
             f"--out must not be the fine-tune's or the base's folder, got {out}"
         )
+    # another model's config or tokenizer left beside the pruned weights would be read
+    # with them; a previous prune's folder is replaced
+    if out.is_dir() and any(out.iterdir()) and not (out / PRUNE_RECORD).is_file():
+        raise typer.BadParameter(
+            f"--out {out} holds other files; give a new or empty folder, or a previous "
+            f"prune's (with {PRUNE_RECORD}), which is replaced"
+        )
 
 
 @app.command()
@@ -271,13 +279,14 @@ def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
 
 
 def _copy_side_files(folders: list[Path], out: Path) -> None:
-    """config, tokenizer and other non-weight files; the fine-tune's win over the base's."""
+    """config, tokenizer and other non-weight files, in order, a later folder's winning
+    (and a replaced prune's own going)."""
     for src in folders:
         if not src.is_dir():
             continue
         for item in src.iterdir():
             skip = item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith("index.json")
-            if item.is_file() and not skip and not (out / item.name).exists():
+            if item.is_file() and not skip:
                 shutil.copy(item, out / item.name)
 
 
@@ -508,7 +517,7 @@ def prune(
             report[bname] = {"nnz": sd.nnz, "numel": sd.numel, "scale": sd.scale}
             kept, total = kept + sd.nnz, total + sd.numel
         writer.close()
-        _copy_side_files([Path(finetuned), base_dir], out)
+        _copy_side_files([base_dir, Path(finetuned)], out)
         summary = {
             "base": base,
             "finetuned": str(finetuned),
@@ -525,7 +534,7 @@ def prune(
                 "unpruned": found.unpruned,
                 "tried": [list(t) for t in found.tried],
             }
-        (out / "darex_prune.json").write_text(json.dumps(summary, indent=1))
+        (out / PRUNE_RECORD).write_text(json.dumps(summary, indent=1))
         created = False  # complete: kept whatever happens next
         console.print(
             f"pruned {len(report)} tensors ({m.value}, p={p}): kept {kept:,} of {total:,} "

@@ -138,6 +138,30 @@ def test_prune_never_writes_over_its_inputs(
     assert after == before
 
 
+def test_prune_refuses_a_foreign_out_folder_and_replaces_a_previous_prune(
+    tiny_bert_dir: Path, bert_ft: Path, tmp_path: Path
+) -> None:
+    """Another model's config left beside the pruned weights would be loaded with them: a
+    folder that holds other files is refused untouched; a previous prune's is replaced, its
+    side files by the fine-tune's."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "gpt2"}')
+    before = _tree(out)
+    code, text = _invoke("prune", tiny_bert_dir, bert_ft, "--rate", "0.9", "--out", out)
+    assert code == 2, text
+    assert f"--out {out} holds other files" in text and "darex_prune.json" in text
+    assert _tree(out) == before
+    (out / "config.json").unlink()
+    code, text = _invoke("prune", tiny_bert_dir, bert_ft, "--rate", "0.9", "--out", out)
+    assert code == 0, text
+    (out / "config.json").write_text('{"model_type": "gpt2"}')  # a stale side file
+    code, text = _invoke("prune", tiny_bert_dir, bert_ft, "--rate", "0.5", "--out", out)
+    assert code == 0, text
+    assert (out / "config.json").read_bytes() == (bert_ft / "config.json").read_bytes()
+    assert '"p": "0.5"' in (out / "darex_prune.json").read_text()
+
+
 def test_include_that_matches_nothing_is_refused(
     tiny_bert_dir: Path, bert_ft: Path, tmp_path: Path
 ) -> None:
@@ -177,9 +201,10 @@ def test_failed_prune_leaves_no_partial_output(
     code, text = _invoke("prune", tiny_bert_dir, nan_ft, "--out", new)
     assert code == 1 and "encoder.layer.1.output.dense.weight" in text, text
     assert not new.exists()  # made by this run: removed
-    kept = tmp_path / "kept"
+    kept = tmp_path / "kept"  # a previous prune's folder, to be replaced
     kept.mkdir()
+    (kept / "darex_prune.json").write_text("{}")
     (kept / "notes.txt").write_text("mine")
     code, text = _invoke("prune", tiny_bert_dir, nan_ft, "--out", kept)
     assert code == 1, text
-    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # no model.tmp
+    assert sorted(p.name for p in kept.iterdir()) == ["darex_prune.json", "notes.txt"]
