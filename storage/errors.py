@@ -59,3 +59,15 @@ class UnknownJob(StorageError, KeyError):
 
 class ModelExists(StorageError, ValueError):
     """A model is already registered under this model_id (and replacing was not asked for)."""
+
+
+class IngestInProgress(StorageError, ValueError):
+    """Another upload of this model_id is still being ingested."""
+
+    def __init__(self, model_id: str, job_id: str | None) -> None:
+        job = f"job {job_id} (GET /admin/jobs/{job_id})" if job_id else "a job being created"
+        super().__init__(
+            f"model {model_id!r} is being uploaded by {job}; wait for it to end, then upload "
+            "again (with replace=true to overwrite its result)"
+        )
+        self.model_id, self.job_id = model_id, job_id

@@ -31,6 +31,7 @@ from storage.errors import (
     BadCheckpoint,
     BaseMismatch,
     CorruptBlob,
+    IngestInProgress,
     InvalidModelId,
     ModelExists,
     RegistryUnavailable,
@@ -59,6 +60,7 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (WrongTask, 422, "invalid_request_error", "wrong_task"),
     (InvalidRequest, 422, "invalid_request_error", "invalid_request"),
     (ModelExists, 409, "invalid_request_error", "model_exists"),
+    (IngestInProgress, 409, "invalid_request_error", "ingest_in_progress"),
     (RegistryUnavailable, 503, "service_unavailable", "registry_unavailable"),
     (NotReady, 503, "service_unavailable", "not_ready"),
     (SchedulerClosed, 503, "service_unavailable", "shutting_down"),
@@ -89,6 +91,8 @@ def describe(exc: BaseException) -> tuple[int, dict]:
             param = getattr(exc, "field", None)
             if param is None and code in ("model_not_found", "wrong_task"):
                 param = "model"
+            elif param is None and code == "ingest_in_progress":
+                param = "model_id"
             return status, error_body(status, type_, str(exc), code, param)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         msg = "no space left on the data volume; free space or grow DAREX_DATA_DIR's disk"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ class AppState:
     )
     started: float = field(default_factory=time.time)
     heartbeat: Any = None  # server.api.jobs.JobHeartbeat while serving
+    # model_id -> id of its upload's job, while that job is queued or running here
+    ingesting: dict[str, str] = field(default_factory=dict)
+    ingesting_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def base_id(self) -> str:

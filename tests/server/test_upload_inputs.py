@@ -412,6 +412,46 @@ def test_task_an_encoder_lora_adapter_names_is_checked(bert: TestClient, tmp_pat
     )
 
 
+def test_a_second_upload_of_a_model_id_in_flight_is_409(
+    llama: TestClient, llama_ft: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an upload of a model_id is being ingested, another of the same id is refused
+    at once (it would redo the work, then fail or race the first), with nothing kept;
+    when the first has ended, the id can be uploaded again."""
+    import threading
+
+    import storage.ingest
+
+    go, started = threading.Event(), threading.Event()
+    real = storage.ingest.ingest
+
+    def held(*a, **k):
+        started.set()
+        assert go.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(storage.ingest, "ingest", held)
+    r, _ = post(llama, {"model_id": "twice", "rate": "0.9"}, multipart_files(llama_ft))
+    assert r.status_code == 202, r.text
+    first = r.json()["job_id"]
+    try:
+        assert started.wait(30)
+        in_flight = list(_uploads(llama).iterdir())  # the first upload's folder
+        for data in ({"model_id": "twice"}, {"model_id": "twice", "replace": "true"}):
+            r, jobs = post(llama, data, multipart_files(llama_ft))
+            assert r.status_code == 409, r.text
+            err = r.json()["error"]
+            assert (err["code"], err["param"]) == ("ingest_in_progress", "model_id"), err
+            assert "'twice'" in err["message"] and f"GET /admin/jobs/{first}" in err["message"]
+            assert _jobs(llama) == jobs and list(_uploads(llama).iterdir()) == in_flight
+    finally:
+        go.set()
+    assert wait_job(llama, first)["state"] == "done"
+    r, _ = post(llama, {"model_id": "twice", "replace": "true"}, multipart_files(llama_ft))
+    assert r.status_code == 202, r.text
+    assert wait_job(llama, r.json()["job_id"])["state"] == "done"
+
+
 def test_task_that_fits_is_accepted(bert: TestClient, bert_cls_ft: Path) -> None:
     data = {"model_id": "cls-ok", "task": "sequence-classification", "rate": "0.9"}
     r, _ = post(bert, data, multipart_files(bert_cls_ft))

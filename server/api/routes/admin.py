@@ -26,12 +26,19 @@ from server.api.upload import Upload, receive_upload
 from server.errors import InvalidRequest
 from server.logging import model_id_var
 from storage.blobs import MissingBlob
-from storage.errors import BadCheckpoint, CorruptBlob, ModelExists, UnknownModel
+from storage.errors import (
+    BadCheckpoint,
+    CorruptBlob,
+    IngestInProgress,
+    ModelExists,
+    UnknownModel,
+)
 from storage.modelid import validate_model_id
 from storage.qsearch import read_calib_texts
 
 if TYPE_CHECKING:
     from storage.manifest import Manifest
+    from storage.registry import Job
     from storage.store import DeltaStore
 
 log = logging.getLogger(__name__)
@@ -173,6 +180,31 @@ def _hide_upload_path(text: str, up: Upload) -> str:
     return text
 
 
+async def _create_job(state: AppState, store: DeltaStore, model_id: str) -> Job:
+    """The upload's job, unless this server is still ingesting another upload of the same
+    model_id: that one would be redone in full and then fail ("already registered") or
+    race the first for the name, so it is a 409 naming the job. Per process: a job left
+    by a server that died does not block the upload that replaces it."""
+    with state.ingesting_lock:
+        if model_id in state.ingesting:
+            raise IngestInProgress(model_id, state.ingesting[model_id] or None)
+        state.ingesting[model_id] = ""  # held while the job is created
+    try:
+        job = await asyncio.to_thread(store.registry.create_job, model_id, "queued")
+    except BaseException:
+        _release(state, model_id, "")
+        raise
+    with state.ingesting_lock:
+        state.ingesting[model_id] = job.id
+    return job
+
+
+def _release(state: AppState, model_id: str, job_id: str) -> None:
+    with state.ingesting_lock:
+        if state.ingesting.get(model_id) == job_id:
+            del state.ingesting[model_id]
+
+
 def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
     from storage.ingest import ingest
 
@@ -202,6 +234,7 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
         if state.heartbeat is not None:
             state.heartbeat.discard(job_id)
         up.cleanup()
+        _release(state, model_id, job_id)
 
 
 @router.post("/models", status_code=202, response_model=JobAccepted)
@@ -272,7 +305,7 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
             except UnknownModel:
                 pass
         await asyncio.to_thread(_precheck, state, folder, task)
-        job = await asyncio.to_thread(store.registry.create_job, model_id, "queued")
+        job = await _create_job(state, store, model_id)
     except BaseException as e:
         up.cleanup()
         if isinstance(e, BadCheckpoint) and getattr(e, "field", None) is None:
