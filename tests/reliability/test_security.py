@@ -91,6 +91,13 @@ def test_default_admin_token_refused_in_production(
     s = Settings(env="production", data_dir=tmp_path, base=str(tiny_llama_dir))
     with pytest.raises(ValueError, match="DAREX_ADMIN_TOKEN"):
         s.check_serving()
+    # a blank token (the .env.example line left empty) is refused too; it would otherwise
+    # start a server whose /admin no bearer can open
+    for blank in ("", "  "):
+        s = Settings(env="production", data_dir=tmp_path, admin_token=blank)
+        with pytest.raises(ValueError, match="DAREX_ADMIN_TOKEN is unset, blank or the default"):
+            s.check_serving()
+    Settings(env="production", data_dir=tmp_path, admin_token="s3cret").check_serving()
 
 
 def test_tokens_compared_in_constant_time(category) -> None:
