@@ -122,18 +122,18 @@ class DeltaCache:
             fut = self._inflight.get(model_id)
         if fut is not None:
             fut.result()  # a prefetch is decoding it right now: wait rather than decode twice
-        rd = self._get(model_id, record=True)
-        if pin:
-            with self._lock:
-                self.pinned.add(model_id)
-        return rd
+        return self._get(model_id, record=True, pin=pin)
 
-    def _get(self, model_id: str, *, record: bool) -> ResidentDelta:
+    def _get(self, model_id: str, *, record: bool, pin: bool = False) -> ResidentDelta:
+        # a pin is taken under the same lock that finds or admits the entry: taken after,
+        # a prefetch admitting another delta in between could demote this one
         with self._lock:
             rd = self.device_tier.get(model_id) if record else self.device_tier.items.get(model_id)
             if rd is not None:
                 if record:
                     self.events.append(("device-hit", model_id))
+                if pin:
+                    self.pinned.add(model_id)
                 return rd
             host = self.host_tier.get(model_id) if record else self.host_tier.items.get(model_id)
             if host is not None:
@@ -154,6 +154,8 @@ class DeltaCache:
         rd = host.to(self.device)
         with self._lock:
             self._admit(rd)
+            if pin:
+                self.pinned.add(model_id)
         return rd
 
     def _admit(self, rd: ResidentDelta) -> None:
@@ -208,13 +210,14 @@ class DeltaCache:
                 self._inflight.pop(model_id, None)
 
     def forget(self, model_id: str) -> None:
-        """Drop every cached copy (after a delete); a pinned entry must be unpinned first."""
+        """Drop every cached copy (after a delete). The engine restores the base first when
+        ``model_id`` is active, so a pin left here is stale and goes too."""
         with self._lock:
             fut = self._inflight.get(model_id)
         if fut is not None:
             fut.exception()  # wait, ignoring its outcome
         with self._lock:
-            assert model_id not in self.pinned, f"{model_id} is in use; restore() first"
+            self.pinned.discard(model_id)
             self.device_tier.pop(model_id)
             self.host_tier.pop(model_id)
             self.events.append(("forget", model_id))

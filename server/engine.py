@@ -198,7 +198,14 @@ class Engine:
             return False
         new = self.cache.get(target, pin=True) if target is not None else None
         t0 = time.perf_counter()
-        self._swap_to(new)
+        try:
+            self._swap_to(new)
+        except BaseException:
+            # nothing changed (allocations come before the kernel): the target is not in
+            # use, and a pin left on it would keep it cached and block its delete
+            if new is not None:
+                self.cache.unpin(new.model_id)
+            raise
         self.last_swap_s = time.perf_counter() - t0
         log.debug(
             "activated",
@@ -217,11 +224,13 @@ class Engine:
         saved_a = self._saved[: idx_a.numel()]
         nxt = 1 - self._slot
         n_b = new.idx.numel() if new is not None else 0
+        # everything that can fail for want of memory or a bad head comes before the kernel
         if self._scratch[nxt].numel() < n_b:
             self._scratch[nxt] = self.buf.new_empty(n_b + n_b // 8)
         saved_b = self._scratch[nxt][:n_b]
         idx_b = new.idx if new is not None else empty_i
         val_b = new.val if new is not None else self.buf.new_empty(0)
+        head = self._make_head(new)
         kernels.swap(self.buf, idx_a, saved_a, idx_b, val_b, saved_b, impl=self.kernel)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -229,7 +238,7 @@ class Engine:
         if old is not None:
             self.cache.unpin(old.model_id)
         self.active = new.model_id if new is not None else None
-        self.head = self._make_head(new)
+        self.head = head
 
     def _make_head(self, rd: ResidentDelta | None) -> nn.Module | None:
         """A Linear whose parameters are the cached extras themselves (no copy)."""

@@ -15,6 +15,7 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+import server.engine
 from server.deltas import MemorySource
 from server.engine import Engine
 from server.errors import WrongTask
@@ -217,3 +218,30 @@ def test_forget_drops_cache_and_restores(lm) -> None:
     assert "ft-a2" not in st_["device"]["entries"] and "ft-a2" not in st_["host"]["entries"]
     eng.activate("ft-a2")  # reloads from the source
     eng.restore()
+
+
+def test_a_failed_swap_changes_nothing_and_leaves_no_pin(
+    lm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A swap that fails (out of memory, a kernel error) leaves the active model as it
+    was, and the target unpinned: a pin left behind kept the delta cached for good and
+    made the model's delete fail after it had been unregistered."""
+    eng, _, _ = lm
+    eng.activate("ft-a")
+    fp = eng.base_fingerprint()
+
+    def boom(*_a, **_k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(server.engine.kernels, "swap", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        eng.activate("ft-b")
+    assert eng.active == "ft-a" and eng.base_fingerprint() == fp
+    assert eng.cache_stats()["pinned"] == ["ft-a"]
+    eng.forget("ft-b")  # the delete path: must not fail
+    st_ = eng.cache_stats()
+    assert "ft-b" not in st_["device"]["entries"] and "ft-b" not in st_["host"]["entries"]
+    monkeypatch.undo()
+    assert eng.activate("ft-b") is True and eng.active == "ft-b"
+    eng.restore()
+    assert eng.base_fingerprint() == eng.loaded_fingerprint
