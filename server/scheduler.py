@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
@@ -78,6 +79,11 @@ class Request:
     request_id: str
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+
+
+def _cancel(req: Request) -> None:
+    """Frees a request's slot: the worker skips it, or stops generating for it."""
+    req.cancelled = True
 
 
 @dataclass
@@ -139,11 +145,20 @@ class Scheduler:
         with self._cond:
             return {k: len(q) for k, q in self._queues.items() if q}
 
-    async def stream(
+    def stream(
         self, model_id: str | None, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[Chunk]:
-        """Tokens of one completion as they are generated; the last chunk has finish_reason."""
+        """Tokens of one completion as they are generated; the last chunk has finish_reason.
+
+        Submitted here, not on the first iteration: a model being deleted or a server
+        shutting down raises at once, before a streaming response has sent its 200. An
+        iterator dropped unstarted cancels its request."""
         req = self._submit(model_id, "generate", self._ids(prompt), params, _AsyncSink())
+        chunks = self._chunks(req)
+        weakref.finalize(chunks, _cancel, req)
+        return chunks
+
+    async def _chunks(self, req: Request) -> AsyncIterator[Chunk]:
         try:
             while True:
                 item = await req.sink.get()
@@ -294,9 +309,13 @@ class Scheduler:
 
     def _pick(self) -> tuple[str | None, list[Request]] | None:
         """Under the lock: the next batch by the policy in the module docstring."""
+        dropped = False
         for q in self._queues.values():
             while q and q[0].cancelled:
                 q.popleft()
+                dropped = True
+        if dropped:  # a delete waiting for this model's queue to empty rechecks now
+            self._cond.notify_all()
         waiting = {k: q for k, q in self._queues.items() if q}
         if not waiting:
             return None
@@ -315,6 +334,7 @@ class Scheduler:
         while q and len(batch) < self.max_batch_size:
             r = q.popleft()
             if r.cancelled:
+                self._cond.notify_all()
                 continue
             (batch if r.kind == kind else rest).append(r)
         q.extendleft(reversed(rest))

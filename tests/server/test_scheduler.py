@@ -117,6 +117,36 @@ def test_cancelled_stream_frees_its_slot(sched) -> None:
     assert drained_s < full_s / 3, (drained_s, full_s)
 
 
+def test_stream_refuses_at_once_and_a_dropped_stream_frees_its_slot(sched) -> None:
+    """``stream`` submits when called: a model being deleted raises before any iteration
+    (so a streaming response is a 404, not a 200 carrying an error event); an iterator
+    dropped unstarted cancels its request, so a delete waiting on the model goes on."""
+    import gc
+
+    long = SamplingParams(max_tokens=240)
+    t0 = time.perf_counter()
+    sched.complete_sync("ft-b", "x", long)
+    full_s = time.perf_counter() - t0
+
+    async def main() -> float:
+        with sched._cond:
+            sched._retired.add("ft-b")
+        try:
+            with pytest.raises(ModelRetired, match="'ft-b' is being deleted"):
+                sched.stream("ft-b", "x", long)  # not iterated
+        finally:
+            with sched._cond:
+                sched._retired.discard("ft-b")
+        agen = sched.stream("ft-b", "x", long)
+        del agen
+        gc.collect()
+        t = time.perf_counter()
+        await asyncio.to_thread(sched._drain, "ft-b", 30.0)
+        return time.perf_counter() - t
+
+    assert asyncio.run(main()) < full_s / 3
+
+
 def test_unknown_model_fails_only_its_request(sched) -> None:
     async def main():
         return await asyncio.gather(
