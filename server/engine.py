@@ -26,6 +26,7 @@ Single writer: only one thread (the scheduler's worker) calls ``activate``,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -112,6 +113,17 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
+        # The padded, truncated batches of classify/embed get their own copy: a fast
+        # tokenizer switches padding and truncation on its shared Rust object when a call's
+        # settings differ from the last one's, and that switch while another thread is
+        # encoding (the routes count and encode prompts on worker threads) raises
+        # "Already borrowed". The shared one is then only ever called without either, the
+        # state it is put in here (a tokenizer.json may configure both).
+        self._batch_tokenizer = copy.deepcopy(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_padding()
+            backend.no_truncation()
         self.base_name = base_name
         self.base_sha256 = base_sha256  # weights_sha256 of the base, as manifests record it
         self.source: DeltaSource = source
@@ -301,7 +313,7 @@ class Engine:
 
     # ---- forward helpers -----------------------------------------------------------------
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        enc = self._batch_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
     @torch.inference_mode()

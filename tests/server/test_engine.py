@@ -245,3 +245,19 @@ def test_a_failed_swap_changes_nothing_and_leaves_no_pin(
     assert eng.activate("ft-b") is True and eng.active == "ft-b"
     eng.restore()
     assert eng.base_fingerprint() == eng.loaded_fingerprint
+
+
+def test_batches_never_switch_the_shared_tokenizer_to_padding(bert) -> None:
+    """classify/embed pad and truncate with their own tokenizer copy: the shared one, which
+    the routes call from other threads, is never switched (a switch while another thread
+    encodes raises "Already borrowed" in a fast tokenizer)."""
+    eng, _, _ = bert
+    eng.tokenizer(TEXTS[0])  # as the routes call it (other tests here pad with it)
+    eng.embed(TEXTS)
+    eng.activate("sst")
+    eng.classify(TEXTS)
+    eng.restore()
+    backend = eng.tokenizer.backend_tokenizer
+    assert backend.padding is None and backend.truncation is None
+    assert eng._batch_tokenizer.backend_tokenizer is not backend
+    assert eng._batch_tokenizer(TEXTS[:1])["input_ids"] == eng.tokenizer(TEXTS[:1])["input_ids"]
