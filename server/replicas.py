@@ -111,25 +111,33 @@ class RegistryWatcher:
             if first_failure and self.drop is not None:
                 await self._each(self.drop, sorted(self.snapshot), "drop")
             return []
-        stale = sorted(m for m, key in self.snapshot.items() if models.get(m) != key)
+        old = self.snapshot
+        stale = sorted(m for m, key in old.items() if models.get(m) != key)
         first = self.version is None
-        self.version, self.snapshot, self._resync = version, models, False
+        self.version, self.snapshot, self._resync = version, dict(models), False
         self._mark_up()
         if first:
             return []
         for model_id in stale:
             log.info("model changed in the registry; dropping it", extra={"model_id": model_id})
-        await self._each(self.retire, stale, "retire")
-        return stale
+        failed = await self._each(self.retire, stale, "retire")
+        if failed:  # still stale here: the next check tries again, version moved or not
+            self.snapshot.update({m: old[m] for m in failed})
+            self._resync = True
+        return [m for m in stale if m not in failed]
 
     @staticmethod
-    async def _each(fn: Retire, model_ids: list[str], verb: str) -> None:
+    async def _each(fn: Retire, model_ids: list[str], verb: str) -> set[str]:
+        """``fn`` on each id at once; the ids it failed for (logged)."""
         results = await asyncio.gather(*(fn(m) for m in model_ids), return_exceptions=True)
+        failed = set()
         for model_id, res in zip(model_ids, results, strict=True):
             if isinstance(res, BaseException):
+                failed.add(model_id)
                 log.error(
                     "could not %s model: %s", verb, res, extra={"model_id": model_id}, exc_info=res
                 )
+        return failed
 
     def _mark_up(self) -> None:
         if self.error is not None:

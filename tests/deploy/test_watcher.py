@@ -47,6 +47,35 @@ def test_delete_and_replace_elsewhere_retire_here(redis_server) -> None:
     assert retired.ids == ["a", "b"]
 
 
+def test_a_retire_that_fails_is_tried_again_on_the_next_check(redis_server) -> None:
+    """A retire that fails (its requests outlast the drain: ``ModelBusy``) must not be
+    forgotten once the version has moved: the stale delta would be served until evicted."""
+    from server.errors import ModelBusy
+
+    mine, theirs = open_registry(redis_server.url), open_registry(redis_server.url)
+    theirs.set_model("a", "key-a")
+    calls: list[str] = []
+
+    async def busy_once(model_id: str) -> None:
+        calls.append(model_id)
+        if len(calls) == 1:
+            raise ModelBusy(f"model {model_id!r} still has 1 request(s) queued or running")
+
+    w = RegistryWatcher(mine, busy_once, ttl_s=0.1)
+
+    async def scenario() -> None:
+        await w.poll_once()
+        theirs.set_model("a", "key-a2", replace=True)
+        assert await w.poll_once() == []  # failed: not retired
+        assert w.snapshot["a"] == "key-a"  # still the old key here
+        assert await w.poll_once() == ["a"]  # the version did not move: tried again
+        assert w.snapshot["a"] == "key-a2"
+        assert await w.poll_once() == []
+
+    asyncio.run(scenario())
+    assert calls == ["a", "a"]
+
+
 def test_outage_is_reported_and_recovers(redis_server) -> None:
     reg = open_registry(redis_server.url)
     reg.set_model("a", "key-a")
