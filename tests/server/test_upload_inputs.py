@@ -452,6 +452,60 @@ def test_a_second_upload_of_a_model_id_in_flight_is_409(
     assert wait_job(llama, r.json()["job_id"])["state"] == "done"
 
 
+def test_delete_never_removes_a_version_uploaded_while_it_waited(
+    llama: TestClient, llama_ft: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DELETE during a re-upload of the id is a 409 naming the job; a re-upload that lands
+    while the delete waits for the model's requests is not deleted (409, kept)."""
+    import threading
+
+    import storage.ingest
+
+    r, _ = post(llama, {"model_id": "del-race", "rate": "0.9"}, multipart_files(llama_ft))
+    assert wait_job(llama, r.json()["job_id"])["state"] == "done"
+    reg = llama.app.state.darex.store.registry
+    first_key = reg.get_model("del-race")
+    go, started = threading.Event(), threading.Event()
+    real = storage.ingest.ingest
+
+    def held(*a, **k):
+        started.set()
+        assert go.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(storage.ingest, "ingest", held)
+    data = {"model_id": "del-race", "rate": "0.5", "replace": "true"}
+    r, _ = post(llama, data, multipart_files(llama_ft))
+    job = r.json()["job_id"]
+    try:
+        assert started.wait(30)
+        d = llama.delete("/admin/models/del-race", headers=AUTH)
+        assert d.status_code == 409, d.text
+        assert d.json()["error"]["code"] == "ingest_in_progress" and job in d.text
+        assert reg.get_model("del-race") == first_key
+    finally:
+        go.set()
+    assert wait_job(llama, job)["state"] == "done"
+    monkeypatch.undo()
+    new_key = reg.get_model("del-race")
+    assert new_key != first_key
+    # a replacement that lands while the delete drains the model's requests
+    sched = llama.app.state.darex.scheduler
+    real_drain = sched._drain
+
+    def drain_then_replaced(model_id: str, timeout: float) -> None:
+        real_drain(model_id, timeout)
+        reg.set_model(model_id, first_key, replace=True)
+
+    monkeypatch.setattr(sched, "_drain", drain_then_replaced)
+    d = llama.delete("/admin/models/del-race", headers=AUTH)
+    assert d.status_code == 409, d.text
+    assert d.json()["error"]["code"] == "model_exists" and "was replaced" in d.text
+    assert reg.get_model("del-race") == first_key
+    monkeypatch.undo()
+    assert llama.delete("/admin/models/del-race", headers=AUTH).status_code == 200
+
+
 def test_task_that_fits_is_accepted(bert: TestClient, bert_cls_ft: Path) -> None:
     data = {"model_id": "cls-ok", "task": "sequence-classification", "rate": "0.9"}
     r, _ = post(bert, data, multipart_files(bert_cls_ft))

@@ -383,10 +383,29 @@ async def delete_model(model_id: str, state: StateDep, store: StoreDep) -> Delet
     model_id_var.set(model_id)
     # 404 when unknown; the registry entry alone, so an entry whose manifest blob is
     # missing or corrupt can still be removed (and no longer blocks gc)
-    await asyncio.to_thread(store.registry.get_model, model_id)
+    key = await asyncio.to_thread(store.registry.get_model, model_id)
+    with state.ingesting_lock:
+        job_id = state.ingesting.get(model_id)
+    if job_id is not None:  # its replacement is being stored: which would win is a race
+        raise IngestInProgress(model_id, job_id or None)
+
+    def unregister() -> None:
+        """Delete the version this request saw, not one uploaded while it waited."""
+        try:
+            now = store.registry.get_model(model_id)
+        except UnknownModel:
+            return  # deleted meanwhile by another request: done
+        if now != key:
+            raise ModelExists(
+                f"model {model_id!r} was replaced by another upload while this delete "
+                "waited for its requests; nothing was deleted (delete it again to remove "
+                "the new version)"
+            )
+        store.delete(model_id)
+
     if state.scheduler is not None:
-        await state.scheduler.retire(model_id, then=lambda: store.delete(model_id))
+        await state.scheduler.retire(model_id, then=unregister)
     else:
-        await asyncio.to_thread(store.delete, model_id)
+        await asyncio.to_thread(unregister)
     log.info("model deleted", extra={"model_id": model_id})
     return Deleted(id=model_id, deleted=True)
