@@ -309,3 +309,32 @@ def test_tokenizing_does_not_hold_the_event_loop(
         health.join(30)
     assert answered, "/healthz waited for a tokenizer call"
     assert out["h"].status_code == 200 and out["r"].status_code == 200, out["r"].text
+
+
+def test_a_failing_prompt_cancels_the_others_of_its_request(
+    llama: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1/completions with several prompts: when one fails, the others stop instead of
+    generating up to max_tokens for a response that is already an error."""
+    from server.errors import ModelRetired
+
+    sched = llama.app.state.darex.scheduler
+    cancelled: list[int] = []
+    calls = 0
+
+    async def complete(model_id, ids, params):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ModelRetired(f"model {model_id!r} is being deleted")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(calls)
+            raise
+
+    monkeypatch.setattr(sched, "complete", complete)
+    body = {"model": llama.app.state.darex.base_id, "prompt": ["a", "b", "c"], "max_tokens": 4}
+    r = llama.post("/v1/completions", json=body)
+    assert r.status_code == 404 and "being deleted" in r.text, r.text
+    assert len(cancelled) == 2

@@ -67,6 +67,18 @@ def _usage(chunks: list[Chunk]) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
 
 
+async def _all_or_none(coros: list) -> list:
+    """Every result, or the first error with the others cancelled: ``gather`` alone would
+    leave them generating up to max_tokens for a response that is already an error."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(state: StateDep) -> ModelList:
     cards = [ModelCard(id=state.base_id, created=int(state.started), owned_by="base")]
@@ -114,7 +126,7 @@ async def completions(
             sse_stream(chunks, frame, state, body.model), media_type="text/event-stream"
         )
 
-    done = await asyncio.gather(*(sched.complete(target, ids, params) for ids in prompts))
+    done = await _all_or_none([sched.complete(target, ids, params) for ids in prompts])
     state.metrics.tokens.labels(body.model).inc(sum(c.completion_tokens for c in done))
     choices = [
         CompletionChoice(
