@@ -120,7 +120,15 @@ class RegistryWatcher:
             return []
         for model_id in stale:
             log.info("model changed in the registry; dropping it", extra={"model_id": model_id})
-        failed = await self._each(self.retire, stale, "retire")
+        # a deleted model is retired (new requests refused, queued ones drained); a
+        # replaced one only loses its cached copy between batches, and its requests,
+        # queued or new, run on the new version (refusing them would 404 a model that
+        # is registered)
+        replaced = [m for m in stale if m in models and self.drop is not None]
+        deleted = [m for m in stale if m not in replaced]
+        failed = await self._each(self.retire, deleted, "retire")
+        if replaced:
+            failed |= await self._each(self.drop, replaced, "drop")  # type: ignore[arg-type]
         if failed:  # still stale here: the next check tries again, version moved or not
             self.snapshot.update({m: old[m] for m in failed})
             self._resync = True

@@ -76,6 +76,25 @@ def test_a_retire_that_fails_is_tried_again_on_the_next_check(redis_server) -> N
     assert calls == ["a", "a"]
 
 
+def test_a_replaced_model_is_dropped_not_retired(redis_server) -> None:
+    """Replaced elsewhere: its cached copy goes (``drop``, between batches) and requests go
+    on to the new version; only a deleted model is retired (requests refused)."""
+    mine, theirs = open_registry(redis_server.url), open_registry(redis_server.url)
+    theirs.set_model("a", "key-a")
+    theirs.set_model("b", "key-b")
+    retired, dropped = Retired(), Retired()
+    w = RegistryWatcher(mine, retired, drop=dropped, ttl_s=0.1)
+
+    async def scenario() -> None:
+        await w.poll_once()
+        theirs.delete_model("a")
+        theirs.set_model("b", "key-b2", replace=True)
+        assert await w.poll_once() == ["a", "b"]
+
+    asyncio.run(scenario())
+    assert retired.ids == ["a"] and dropped.ids == ["b"]
+
+
 def test_outage_is_reported_and_recovers(redis_server) -> None:
     reg = open_registry(redis_server.url)
     reg.set_model("a", "key-a")
