@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,6 +144,22 @@ def refused(
     assert not uploads.exists() or not list(uploads.iterdir()), list(uploads.iterdir())
     assert _open_files_under(uploads) == []
     return err
+
+
+def hold_ingest(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Ingests wait for ``go`` once started (``started`` is set): an upload stays in flight."""
+    import storage.ingest
+
+    go, started = threading.Event(), threading.Event()
+    real = storage.ingest.ingest
+
+    def held(*a, **k):
+        started.set()
+        assert go.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(storage.ingest, "ingest", held)
+    return go, started
 
 
 def post(client: TestClient, data: dict, files: list) -> tuple[httpx.Response, int]:
@@ -418,19 +435,7 @@ def test_a_second_upload_of_a_model_id_in_flight_is_409(
     """While an upload of a model_id is being ingested, another of the same id is refused
     at once (it would redo the work, then fail or race the first), with nothing kept;
     when the first has ended, the id can be uploaded again."""
-    import threading
-
-    import storage.ingest
-
-    go, started = threading.Event(), threading.Event()
-    real = storage.ingest.ingest
-
-    def held(*a, **k):
-        started.set()
-        assert go.wait(30)
-        return real(*a, **k)
-
-    monkeypatch.setattr(storage.ingest, "ingest", held)
+    go, started = hold_ingest(monkeypatch)
     r, _ = post(llama, {"model_id": "twice", "rate": "0.9"}, multipart_files(llama_ft))
     assert r.status_code == 202, r.text
     first = r.json()["job_id"]
@@ -457,23 +462,11 @@ def test_delete_never_removes_a_version_uploaded_while_it_waited(
 ) -> None:
     """DELETE during a re-upload of the id is a 409 naming the job; a re-upload that lands
     while the delete waits for the model's requests is not deleted (409, kept)."""
-    import threading
-
-    import storage.ingest
-
     r, _ = post(llama, {"model_id": "del-race", "rate": "0.9"}, multipart_files(llama_ft))
     assert wait_job(llama, r.json()["job_id"])["state"] == "done"
     reg = llama.app.state.darex.store.registry
     first_key = reg.get_model("del-race")
-    go, started = threading.Event(), threading.Event()
-    real = storage.ingest.ingest
-
-    def held(*a, **k):
-        started.set()
-        assert go.wait(30)
-        return real(*a, **k)
-
-    monkeypatch.setattr(storage.ingest, "ingest", held)
+    go, started = hold_ingest(monkeypatch)
     data = {"model_id": "del-race", "rate": "0.5", "replace": "true"}
     r, _ = post(llama, data, multipart_files(llama_ft))
     job = r.json()["job_id"]
