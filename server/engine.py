@@ -213,8 +213,9 @@ class Engine:
         try:
             self._swap_to(new)
         except BaseException:
-            # nothing changed (allocations come before the kernel): the target is not in
-            # use, and a pin left on it would keep it cached and block its delete
+            # the target is not in use: a pin left on it would keep it cached for good and
+            # fail its delete. (A failure before the kernel, such as running out of memory
+            # for the scratch buffer, changed nothing; allocations come first for that.)
             if new is not None:
                 self.cache.unpin(new.model_id)
             raise
