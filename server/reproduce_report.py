@@ -8,7 +8,6 @@ each DAREx-q choice picked against the best q found by the labeled search.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from server.reproduce import METHODS, RATES, VAL_SCORED, Row, pick_from_reference, read_rows
 from server.training import RESULT_FILE
+from storage.bases import atomic_write
 
 RECORDS = "records"  # beside a full report: its rows and fine-tune records, no weights
 
@@ -230,13 +230,6 @@ def recommend_hits(rows: Sequence[Row], tol: float = 0.01) -> Hits:
     return Hits(lines, policies, compared, labels_there)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def merge_records(records: Path, work: Path) -> list[Row]:
     """Keep a report's data beside it, so the report can be rebuilt from the repository:
     ``records`` takes the rows of ``work`` (``results.jsonl``) and its fine-tunes' records
@@ -257,7 +250,8 @@ def merge_records(records: Path, work: Path) -> list[Row]:
         if rec is None or not dst.is_file() or dst.read_text() != rec:
             replaced.add(key)
         if rec is not None:
-            _write_atomic(dst, rec)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dst, rec)
         else:
             dst.unlink(missing_ok=True)
     cells = {
@@ -267,7 +261,8 @@ def merge_records(records: Path, work: Path) -> list[Row]:
     }
     cells.update({(r.base, r.task, r.spec, r.method, r.p): r for r in new})
     rows = list(cells.values())
-    _write_atomic(
+    records.mkdir(parents=True, exist_ok=True)
+    atomic_write(
         records / "results.jsonl",
         "".join(json.dumps(asdict(r)) + "\n" for r in sorted(rows, key=_cell_order)),
     )

@@ -228,14 +228,15 @@ def weights_sha256(folder: Path, data_dir: Path | None = None) -> str:
     for c in candidates:
         try:
             c.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(c, record)
+            atomic_write(c, record)
             break
         except OSError:
             continue
     return digest
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader sees the old or the new file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:

@@ -446,7 +446,7 @@ def test_records_kept_beside_the_report_merge_runs_and_never_mix_two_fine_tunes(
         ("y", "dare", 0.99): 0.3,  # y's cells of the earlier fine-tune are gone
     }
     assert json.loads((records / "b" / "t" / "y" / RESULT_FILE).read_text()) == {"seconds": 3}
-    assert not list(records.rglob("*.tmp"))
+    assert {f.name for f in records.rglob("*") if f.is_file()} == {"results.jsonl", RESULT_FILE}
     assert {(r.spec, r.method, r.p): r.mean for r in rp.read_rows(records)} == got
     # the CLI: a report from the records alone (an empty work folder adds nothing)
     res = CliRunner().invoke(
