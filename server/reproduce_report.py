@@ -54,6 +54,8 @@ def finetune_line(rec: dict, eval_s: float, device: str | None = None) -> str:
     how = "LoRA r={}".format(s.get("rank")) if s.get("lora") else s.get("optimizer", "adam")
     if s.get("reg"):
         how += f" lambda={s['reg']:g}"
+    if s.get("train_embeddings") is False and not s.get("lora"):
+        how += " (word embeddings frozen)"
     return (
         f"fine-tune: {how}, lr {s.get('lr', 0):g}, {rec.get('steps')} steps of "
         f"{s.get('batch_size')} on {rec.get('train_examples')} examples, "

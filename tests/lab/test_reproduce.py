@@ -464,3 +464,51 @@ def test_records_kept_beside_the_report_merge_runs_and_never_mix_two_fine_tunes(
     md = (records.parent / "reproduce-full.md").read_text()
     assert "### b / t / x" in md and "| dare | 75.0 | 40.0 |" in md
     assert {(r.spec, r.method, r.p): r.mean for r in rp.read_rows(records)} == got
+
+
+@pytest.mark.parametrize("per_mask", [False, True])
+def test_labeled_q_is_searched_per_mask_when_the_budget_asks(work, monkeypatch, per_mask) -> None:
+    """``q_per_mask`` searches the labeled q with each seed's own mask (as a labeled ingest
+    does for the mask it stores) and evaluates each seed at its own q; otherwise the first
+    seed's q serves every seed."""
+    from pruning.q import QSearch
+
+    w, base, task, _ = work
+    budget = rp.Budget(**{**vars(BUDGET), "q_per_mask": per_mask})
+    st = rp.open_setting(base, w / rp.slug(base.name) / task.name / "tiny", task, "tiny", budget)
+    searched: list[int] = []  # the seed of the mask each search scores
+    by_seed = {0: 0.2, 1: 0.5}
+    real_scorer = st.lab.q_scorer
+
+    def scorer(masks, p, exs):
+        searched.append(next(s for s in budget.seeds if _same(masks, st.lab.dare_masks(p, s))))
+        return real_scorer(masks, p, exs)
+
+    def fake_search(score_fn, p, **kw):
+        q = by_seed[searched[-1]]
+        return QSearch(q, 0.5 + searched[-1], ((q, 0.5 + searched[-1]),))
+
+    monkeypatch.setattr(st.lab, "q_scorer", scorer)
+    monkeypatch.setattr(rp, "search_q_global", fake_search)
+    row = rp.run_method(st, "darex_q/labeled", 0.9)
+    want = [by_seed[s] for s in budget.seeds] if per_mask else [0.2, 0.2]
+    assert searched == (list(budget.seeds) if per_mask else [0])
+    assert row.extra["qs"] == want and row.extra["val"] == 0.5  # the first seed's score
+    fresh = [
+        st.lab.metric_with(st.lab.dare_masks(0.9, s), st.test, (1.0 - 0.9) / q)
+        for s, q in zip(budget.seeds, want, strict=True)
+    ]
+    assert row.values == fresh
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n].indices, b[n].indices) for n in a)
+
+
+def test_finetune_line_says_when_the_word_embeddings_were_frozen() -> None:
+    rec = {"settings": {"lr": 3e-4, "batch_size": 16, "max_length": 32}, "steps": 450}
+    rec |= {"train_examples": 4000, "seconds": 300.0}
+    assert "frozen" not in rr.finetune_line(rec, 60.0)  # None: the base kind's default
+    rec["settings"]["train_embeddings"] = False
+    line = rr.finetune_line(rec, 60.0)
+    assert line.startswith("fine-tune: adam (word embeddings frozen), lr 0.0003, 450 steps")
