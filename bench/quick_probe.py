@@ -60,23 +60,23 @@ def main() -> None:
         a.work, base, load_task(a.task), "probe", opts, budget, rates, ("dare", "darex_q/labeled")
     )
     cell = {(r.method, r.p): r for r in rows}
-    unpruned = cell[("unpruned", 0.0)].mean
     out: dict = {"task": a.task, **{k: opts[k] for k in ("lr", "max_steps", "seed")}}
     out |= {
         "train_embeddings": opts["train_embeddings"],
         "q_per_mask": a.q_per_mask,
         "test": a.test,
         "seconds": round(time.perf_counter() - t0),
-        "unpruned": round(100 * unpruned, 1),
+        "unpruned": round(100 * cell[("unpruned", 0.0)].mean, 1),
     }
     for p in rates:
         dare, dx = cell[("dare", p)], cell[("darex_q/labeled", p)]
+        gain, gap = rp.headline(rows, p)
         out[f"p={p}"] = {
             "dare": [round(100 * v, 1) for v in dare.values],
             "darex_q": [round(100 * v, 1) for v in dx.values],
             "qs": dx.extra.get("qs"),
-            "gain": round(100 * (dx.mean - dare.mean), 1),
-            "gap": round(100 * (unpruned - dx.mean), 1),
+            "gain": round(100 * gain, 1),
+            "gap": round(100 * gap, 1),
         }
     line = json.dumps(out)
     print(line)

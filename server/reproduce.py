@@ -626,7 +626,12 @@ def quick(
     budget = budget or QUICK_BUDGET
     rates, methods = (0.9, 0.99), ("dare", "darex_q/labeled")
     rows = run_part(work, base, task, "quick", QUICK_SPEC, budget, rates, methods, device)
-    cell = {(r.method, r.p): r for r in rows}
-    unpruned = cell[("unpruned", 0.0)].mean
-    dare99, dx99 = cell[("dare", 0.99)].mean, cell[("darex_q/labeled", 0.99)].mean
-    return QuickResult(rows, time.perf_counter() - t0, dx99 - dare99, unpruned - dx99)
+    return QuickResult(rows, time.perf_counter() - t0, *headline(rows, 0.99))
+
+
+def headline(rows: Iterable[Row], p: float) -> tuple[float, float]:
+    """The headline's two figures at rate p from one setting's rows: DAREx-q (labeled)
+    minus DARE, and the unpruned fine-tune minus DAREx-q (mean metrics over mask seeds)."""
+    cell = {(r.method, r.p): r.mean for r in rows}
+    dx = cell[("darex_q/labeled", p)]
+    return dx - cell[("dare", p)], cell[("unpruned", 0.0)] - dx
