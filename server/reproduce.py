@@ -1,7 +1,8 @@
 """The paper's experiments on the real bases and tasks: fine-tune, prune, evaluate.
 
 Every result is one ``Row`` appended to ``<work>/results.jsonl``; fine-tunes are cached
-in ``<work>/<task>/<spec>/`` so a part can be rerun alone. ``quick`` is the CI check:
+in ``<work>/<task>/<spec>/`` so a part can be rerun alone, and a rerun keeps the cells it
+already has from that fine-tune and budget. ``quick`` is the CI check:
 one large-delta MiniLM fine-tune on rt-sentiment, DARE vs DAREx-q (global labeled q,
 searched for each mask) at p in {0.9, 0.99}, and the headline asserted at p = 0.99:
 ``acc(DAREx-q) - acc(DARE) >= 0.10`` and ``acc(unpruned) - acc(DAREx-q) <= 0.05``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -223,14 +225,33 @@ class Setting:
     # DARE's test metric by (p, seed): a DAREx-q whose q comes out as 1-p applies the very
     # same weights (scale factor exactly 1), so its evaluation is looked up, not rerun
     dare_test: dict[tuple[float, int], float] = field(default_factory=dict)
+    finetune: str = ""  # ``finetune_id`` of the fine-tune the rows come from
 
     def row(self, method: str, p: float, values: list[float], seeds, **kw: Any) -> Row:
+        extra = {**kw.get("extra", {}), **self.provenance()}
         if self.lab.device.type != "cpu":  # rows without "device" ran on the CPU
-            kw["extra"] = {**kw.get("extra", {}), "device": _device_name(self.lab.device)}
+            extra["device"] = _device_name(self.lab.device)
+        kw["extra"] = extra
         m, s = mean_std(values)
         return Row(
             self.base, self.lab.task.name, self.spec, method, p, m, s, list(seeds), values, **kw
         )
+
+    def provenance(self) -> dict[str, Any]:
+        """What a row's cell depends on besides (task, spec, method, p): which fine-tune and
+        which budget. A rerun keeps a recorded cell only when both match (``kept_rows``)."""
+        return {"finetune": self.finetune, "budget": budget_record(self.budget)}
+
+
+def budget_record(b: Budget) -> dict[str, Any]:
+    """The budget as a row records it (JSON has lists, not tuples)."""
+    return {**asdict(b), "seeds": list(b.seeds)}
+
+
+def finetune_id(ft_dir: Path) -> str:
+    """A fine-tune's identity: the hash of its record, which holds its losses and
+    seconds, so a fine-tune trained again under the same name gets another id."""
+    return hashlib.sha256((ft_dir / RESULT_FILE).read_bytes()).hexdigest()[:16]
 
 
 def _device_name(dev: torch.device) -> str:
@@ -248,7 +269,23 @@ def open_setting(
         by_length(task.test[: budget.test]),
         by_length(task.validation[: budget.val]),
         budget,
+        finetune=finetune_id(ft_dir),
     )
+
+
+def kept_rows(work: Path, st: Setting) -> dict[tuple[str, float], Row]:
+    """The cells ``work/results.jsonl`` already holds for this setting, from the same
+    fine-tune with the same budget, by (method, p): a rerun of an interrupted part
+    evaluates only the rest. ``recommend`` rows are not kept (they are cheap, and follow
+    the code as it is now)."""
+    want = st.provenance()
+    return {
+        (r.method, r.p): r
+        for r in read_rows(work)
+        if (r.base, r.task, r.spec) == (st.base, st.lab.task.name, st.spec)
+        and r.method != "recommend"
+        and all(r.extra.get(k) == v for k, v in want.items())
+    }
 
 
 def reference_rows(st: Setting) -> list[Row]:
@@ -366,7 +403,7 @@ def run_method(st: Setting, method: str, p: float) -> Row:
     """Evaluate one method at rate p over the mask seeds (one run for deterministic ones).
 
     A global q (labeled or output change) is searched once, with the mask of the first
-    seed, and used with every seed (the labeled one for each seed's mask when
+    seed, and used with every seed (searched for each seed's mask when
     ``budget.q_per_mask``); per-layer q's are computed for each seed's mask.
     """
     lab, t0 = st.lab, time.perf_counter()
@@ -386,7 +423,7 @@ def run_method(st: Setting, method: str, p: float) -> Row:
                 if choice == "labeled" and (q_global is None or st.budget.q_per_mask):
                     found = search_q_global(lab.q_scorer(masks, p, st.val), p, refine=4)
                     q_global, val = found.q, found.score if val is None else val
-                elif q_global is None:
+                elif choice == "outchange" and (q_global is None or st.budget.q_per_mask):
                     q_global = _outchange_q(st, p, seed)
                 values.append(_dare_metric(st, masks, p, seed, (1.0 - p) / q_global))
                 qs.append(q_global)
@@ -504,15 +541,35 @@ def run_part(
 ) -> list[Row]:
     """Fine-tune (or reuse) one spec on one task, then every method at every rate.
 
-    ``device`` runs the fine-tune and the evaluations (``auto``: the GPU when there is one).
+    Cells ``work/results.jsonl`` already holds from this fine-tune and budget are kept, not
+    run again (``kept_rows``), so an interrupted part resumes where it stopped; the rows
+    returned are the part's, kept and new. ``device`` runs the fine-tune and the
+    evaluations (``auto``: the GPU when there is one).
     """
     work.mkdir(parents=True, exist_ok=True)
     opts = {**opts, "device": device}
     ft_dir, _ = ensure_finetune(work, base, task, spec, opts, budget.max_length, budget.val)
     st = open_setting(base, ft_dir, task, spec, budget, device)
-    rows = reference_rows(st)
-    append_rows(work, rows)
-    todo = [(p, m) for p in rates for m in methods]
+    kept = kept_rows(work, st)
+    refs = [kept[k] for k in (("unpruned", 0.0), ("base", 0.0)) if k in kept]
+    if len(refs) < 2:
+        refs = reference_rows(st)
+        append_rows(work, refs)
+    rows = list(refs)
+    cells = [(p, m) for p in rates for m in methods]
+    rows += [kept[(m, p)] for p, m in cells if (m, p) in kept]
+    todo = [(p, m) for p, m in cells if (m, p) not in kept]
+    if len(todo) < len(cells):
+        log.info(
+            "%s/%s: %d of %d cells already in %s, %d to run",
+            task.name,
+            spec,
+            len(cells) - len(todo),
+            len(cells),
+            work / "results.jsonl",
+            len(todo),
+            extra={"model_id": spec},
+        )
     for p, m in tqdm(todo, desc=f"{task.name}/{spec}", unit="cell"):
         row = run_method(st, m, p)
         append_rows(work, [row])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -501,6 +502,33 @@ def test_labeled_q_is_searched_per_mask_when_the_budget_asks(work, monkeypatch, 
     assert row.values == fresh
 
 
+@pytest.mark.parametrize("per_mask", [False, True])
+def test_output_change_q_is_searched_per_mask_when_the_budget_asks(
+    work, monkeypatch, per_mask
+) -> None:
+    """The unlabeled global q follows ``q_per_mask`` as the labeled one does."""
+    w, base, task, _ = work
+    budget = rp.Budget(**{**vars(BUDGET), "q_per_mask": per_mask})
+    st = rp.open_setting(base, w / rp.slug(base.name) / task.name / "tiny", task, "tiny", budget)
+    searched: list[int] = []
+    by_seed = {0: 0.2, 1: 0.5}
+
+    def fake_outchange(st, p, seed):
+        searched.append(seed)
+        return by_seed[seed]
+
+    monkeypatch.setattr(rp, "_outchange_q", fake_outchange)
+    row = rp.run_method(st, "darex_q/outchange", 0.9)
+    want = [by_seed[s] for s in budget.seeds] if per_mask else [0.2, 0.2]
+    assert searched == (list(budget.seeds) if per_mask else [0])
+    assert row.extra["qs"] == want
+    fresh = [
+        st.lab.metric_with(st.lab.dare_masks(0.9, s), st.test, (1.0 - 0.9) / q)
+        for s, q in zip(budget.seeds, want, strict=True)
+    ]
+    assert row.values == fresh
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n].indices, b[n].indices) for n in a)
 
@@ -512,3 +540,49 @@ def test_finetune_line_says_when_the_word_embeddings_were_frozen() -> None:
     rec["settings"]["train_embeddings"] = False
     line = rr.finetune_line(rec, 60.0)
     assert line.startswith("fine-tune: adam (word embeddings frozen), lr 0.0003, 450 steps")
+
+
+def test_a_rerun_keeps_the_cells_of_the_same_fine_tune_and_budget_and_runs_the_rest(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """An interrupted part resumes: the cells ``results.jsonl`` holds from this fine-tune
+    and budget are returned as recorded, only the missing ones are evaluated; another
+    budget or a fine-tune trained again under the same name runs everything."""
+    w = tmp_path / "w"
+    base, task = resolve_base(tiny_bert_dir, w), load_task("rt-sentiment")
+    first = rp.run_part(w, base, task, "tiny", TINY, BUDGET, (0.9,), ("dare",))
+    evaluated: list[tuple[str, float]] = []
+    run_method = rp.run_method
+
+    def spy(st, method: str, p: float):
+        evaluated.append((method, p))
+        return run_method(st, method, p)
+
+    monkeypatch.setattr(rp, "run_method", spy)
+    monkeypatch.setattr(rp, "reference_rows", lambda st: pytest.fail("references rerun"))
+    again = rp.run_part(w, base, task, "tiny", TINY, BUDGET, (0.9, 0.99), ("dare", "magnitude"))
+    assert sorted(evaluated) == [("dare", 0.99), ("magnitude", 0.9), ("magnitude", 0.99)]
+    old = {(r.method, r.p): r for r in first}
+    kept = {(r.method, r.p): r for r in again if (r.method, r.p) in old}
+    assert set(kept) == {("unpruned", 0.0), ("base", 0.0), ("dare", 0.9), ("recommend", 0.9)}
+    assert all(kept[k] == old[k] for k in kept if k[0] != "recommend")  # as recorded
+    assert {(r.method, r.p) for r in again} == set(old) | {
+        ("dare", 0.99),
+        ("magnitude", 0.9),
+        ("magnitude", 0.99),
+        ("recommend", 0.99),
+    }
+    assert all(len(r.extra["finetune"]) == 16 for r in again)
+    monkeypatch.undo()
+    # another budget: every cell again
+    evaluated.clear()
+    monkeypatch.setattr(rp, "run_method", spy)
+    rp.run_part(w, base, task, "tiny", TINY, replace(BUDGET, test=16), (0.9,), ("dare",))
+    assert evaluated == [("dare", 0.9)]
+    # the fine-tune trained again (its record, hence its id, differs): every cell again
+    evaluated.clear()
+    ft = w / rp.slug(base.name) / task.name / "tiny"
+    rec = json.loads((ft / RESULT_FILE).read_text())
+    (ft / RESULT_FILE).write_text(json.dumps({**rec, "seconds": rec["seconds"] + 1.0}))
+    rp.run_part(w, base, task, "tiny", TINY, BUDGET, (0.9,), ("dare",))
+    assert evaluated == [("dare", 0.9)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 
 from server.api.deps import SchedulerDep, StateDep, require_api_key
@@ -19,5 +21,8 @@ async def classify(
     target, _ = await resolve_model(
         state, request, body.model, ("sequence-classification",), "/v1/classify"
     )
+    # the label names come from the model's info, which may need the registry: off the
+    # event loop, and before the batch, so they are the ones of the model that ran it
+    labels = await asyncio.to_thread(state.engine.labels_of, target)
     probs = await sched.classify(target, body.texts)
-    return ClassifyResponse.from_probs(body.model, probs, state.engine.labels_of(target))
+    return ClassifyResponse.from_probs(body.model, probs, labels)
