@@ -20,6 +20,13 @@ forward; it also sets the store's ``serving_base`` so that ``store.models()``
 different hash (of the flat buffer, in the serving dtype): it checks that swaps
 restore the base, not which base a delta belongs to.
 
+A swap kernel that raises may have run in part, so the buffer is in an unknown state: the
+engine then drops the active fine-tune, reloads the base's weights (``reload_base``,
+which ``Engine.load`` sets to read the checkpoint again) and checks the buffer's hash
+against ``loaded_fingerprint``. Until that succeeds, ``broken`` says why and every
+``activate`` raises ``WeightsCorrupt`` (HTTP 503, ``/readyz`` not ready): nothing is
+served from weights that are neither the base nor a fine-tune.
+
 Single writer: only one thread (the scheduler's worker) calls ``activate``,
 ``restore``, ``forget`` and the forward helpers; ``prefetch`` only reads the source.
 """
@@ -30,6 +37,7 @@ import copy
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -38,7 +46,7 @@ from torch import nn
 from server import kernels
 from server.cache import DeltaCache
 from server.deltas import DeltaSource, ModelInfo, ResidentDelta, Slot, StoreSource, to_resident
-from server.errors import WrongTask
+from server.errors import WeightsCorrupt, WrongTask
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,7 @@ class Engine:
         base_name: str = "base",
         kernel: str | None = None,
         base_sha256: str | None = None,
+        reload_base: Callable[[], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         assert kind in ("causal-lm", "encoder"), f"unknown engine kind {kind!r}"
         self.kind: Kind = kind
@@ -145,6 +154,9 @@ class Engine:
         self._info: dict[str, ModelInfo] = {}
         self.last_swap_s = 0.0
         self._loaded_fingerprint = self.base_fingerprint()
+        # the base's parameters by name, read again after a failed kernel (None: no recovery)
+        self._reload_base = reload_base
+        self.broken: str | None = None  # why the weights cannot be trusted, when they cannot
 
     @classmethod
     def load(
@@ -177,6 +189,10 @@ class Engine:
         auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
         model = auto.from_pretrained(str(base.path), dtype=dt)
         tok = load_tokenizer(base.path)
+
+        def reload_base() -> Mapping[str, torch.Tensor]:
+            return auto.from_pretrained(str(base.path), dtype=dt).state_dict()
+
         return cls(
             model,
             tok,
@@ -188,6 +204,7 @@ class Engine:
             host_cache_bytes=pick(host_cache_bytes, "host_cache_bytes", 4 << 30),
             base_name=base.name,
             base_sha256=getattr(base, "sha256", None),
+            reload_base=reload_base,
         )
 
     # ---- swapping -------------------------------------------------------------------------
@@ -203,8 +220,11 @@ class Engine:
     def activate(self, model_id: str | None) -> bool:
         """Make ``model_id`` (None or the base's name = the base) the active model.
 
-        Returns whether anything changed. Raises ``UnknownModel`` with nothing changed.
+        Returns whether anything changed. Raises ``UnknownModel`` with nothing changed, and
+        ``WeightsCorrupt`` while ``broken``.
         """
+        if self.broken is not None:
+            raise WeightsCorrupt(self.broken)
         target = self._target(model_id)
         if target == self.active:
             return False
@@ -215,7 +235,8 @@ class Engine:
         except BaseException:
             # the target is not in use: a pin left on it would keep it cached for good and
             # fail its delete. (A failure before the kernel, such as running out of memory
-            # for the scratch buffer, changed nothing; allocations come first for that.)
+            # for the scratch buffer, changed nothing; allocations come first for that. A
+            # failure in the kernel is handled by _after_failed_kernel.)
             if new is not None:
                 self.cache.unpin(new.model_id)
             raise
@@ -244,14 +265,53 @@ class Engine:
         idx_b = new.idx if new is not None else empty_i
         val_b = new.val if new is not None else self.buf.new_empty(0)
         head = self._make_head(new)
-        kernels.swap(self.buf, idx_a, saved_a, idx_b, val_b, saved_b, impl=self.kernel)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        try:
+            kernels.swap(self.buf, idx_a, saved_a, idx_b, val_b, saved_b, impl=self.kernel)
+            if self.device.type == "cuda":  # a kernel's fault surfaces here
+                torch.cuda.current_stream(self.device).synchronize()
+        except BaseException as e:
+            self._after_failed_kernel(old, e)
+            raise
         self._slot, self._saved, self._cur = nxt, saved_b, new
         if old is not None:
             self.cache.unpin(old.model_id)
         self.active = new.model_id if new is not None else None
         self.head = head
+
+    def _after_failed_kernel(self, old: ResidentDelta | None, err: BaseException) -> None:
+        """The kernel raised and may have run in part: no fine-tune is active any more, and
+        the base is read again and its hash checked; ``broken`` stays set when that fails."""
+        was = self.active
+        self._cur, self.active, self.head = None, None, None
+        if old is not None:
+            self.cache.unpin(old.model_id)
+        self.broken = (
+            f"a swap kernel failed ({type(err).__name__}: {err}); the resident weights "
+            "are in an unknown state"
+        )
+        log.error("swap kernel failed", extra={"model_id": was, "error": str(err)})
+        if self._reload_base is None:
+            self.broken += " and this engine has no checkpoint to reload the base from"
+            return
+        try:
+            state = self._reload_base()
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():  # tied ones once
+                    p.copy_(state[name].to(device=p.device, dtype=p.dtype).view(p.shape))
+            fp = self.base_fingerprint()
+        except Exception as e:  # e.g. a device that faults on every call now
+            self.broken += f"; reloading the base failed ({type(e).__name__}: {e})"
+            log.error("base reload failed", extra={"model_id": was, "error": str(e)})
+            return
+        if fp != self._loaded_fingerprint:
+            want = self._loaded_fingerprint
+            self.broken += f"; the reloaded base hashes to {fp[:12]}, not {want[:12]}"
+            log.error("base reload differs", extra={"model_id": was, "sha256": fp})
+            return
+        self.broken = None
+        log.warning(
+            "base reloaded after a failed swap kernel", extra={"model_id": was, "sha256": fp}
+        )
 
     def _make_head(self, rd: ResidentDelta | None) -> nn.Module | None:
         """A Linear whose parameters are the cached extras themselves (no copy)."""

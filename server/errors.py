@@ -40,3 +40,8 @@ class PayloadTooLarge(ServerError):
 
 class NotReady(ServerError):
     """The base model is not loaded yet or the registry cannot be reached."""
+
+
+class WeightsCorrupt(ServerError):
+    """A swap kernel failed part-way and the base could not be restored and verified: the
+    resident weights are neither the base nor a fine-tune, so nothing is served."""

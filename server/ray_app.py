@@ -134,8 +134,8 @@ class Runtime:
                 n = sum(len(self.engine.tokenizer(t)["input_ids"]) for t in req.texts)
                 usage = {"prompt_tokens": n, "total_tokens": n}
                 return EmbeddingResponse(model=model, data=data, usage=usage).model_dump()
+            labels = await asyncio.to_thread(self.engine.labels_of, target)  # as the app
             probs = await self.scheduler.classify(target, req.texts)
-            labels = self.engine.labels_of(target)
             return ClassifyResponse.from_probs(model, probs, labels).model_dump()
         params = _params(body, self.settings.max_new_tokens)
         prompt: str | list[int]
@@ -211,6 +211,8 @@ class DarexReplica:
 
     async def ready(self) -> tuple[bool, str]:
         self._watch()
+        if self.rt.engine.broken is not None:
+            return False, self.rt.engine.broken
         try:
             await self.rt.watcher.ensure_ready()
         except NotReady as e:
@@ -222,8 +224,10 @@ class DarexReplica:
         return [self.rt.base_name, *sorted(await asyncio.to_thread(self.rt.store.models))]
 
     def check_health(self) -> None:
-        """Ray restarts a replica whose scheduler thread died."""
+        """Ray restarts a replica whose scheduler thread died, or whose weights are not
+        trusted after a failed swap kernel (``Engine.broken``)."""
         assert self.rt.scheduler._thread.is_alive(), "scheduler worker is dead"
+        assert self.rt.engine.broken is None, self.rt.engine.broken
 
 
 api = FastAPI(title="darex-serve (Ray)")

@@ -23,6 +23,7 @@ from server.errors import (
     PayloadTooLarge,
     SchedulerClosed,
     Unauthorized,
+    WeightsCorrupt,
     WrongTask,
 )
 from server.logging import model_id_var, request_id_var
@@ -65,6 +66,7 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (NotReady, 503, "service_unavailable", "not_ready"),
     (SchedulerClosed, 503, "service_unavailable", "shutting_down"),
     (ModelBusy, 503, "service_unavailable", "model_busy"),
+    (WeightsCorrupt, 503, "service_unavailable", "weights_corrupt"),
     (CorruptBlob, 500, "server_error", "corrupt_blob"),
     (MissingBlob, 500, "server_error", "missing_blob"),  # a registered model lost a blob
 ]

@@ -86,3 +86,15 @@ def expected_buffers(eng, model_ids) -> dict[str | None, torch.Tensor]:  # type:
         rd = eng.cache.get(mid)
         out[mid] = base_flat.clone().index_add_(0, rd.idx, rd.val)
     return out
+
+
+def faulting_swap(real):  # type: ignore[no-untyped-def]
+    """A swap kernel that faults part-way: A restored, half of B saved and applied, then
+    an error, as a device fault mid-kernel leaves the buffer."""
+
+    def swap(buf, idx_a, saved_a, idx_b, val_b, saved_b, impl=None) -> None:  # type: ignore[no-untyped-def]
+        k = idx_b.numel() // 2
+        real(buf, idx_a, saved_a, idx_b[:k], val_b[:k], saved_b[:k], impl=impl)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+    return swap

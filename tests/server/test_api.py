@@ -18,6 +18,7 @@ from storage.bases import resolve_base
 from storage.registry import open_registry
 from storage.store import DeltaStore
 from tests.reliability.live import wait_job
+from tests.server.engine_util import faulting_swap
 from tests.server.finetunes import (
     multipart_files,
     reference_generate,
@@ -300,3 +301,40 @@ def test_refuses_to_start_with_the_default_token(tmp_path, tiny_llama_dir: Path)
     dev = settings.model_copy(update={"env": "development"})
     with TestClient(create_app(dev)) as client:
         assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("reload_works", [True, False])
+def test_a_faulting_swap_kernel_restores_the_base_or_takes_the_server_out_of_rotation(
+    tmp_path: Path, tiny_llama_dir: Path, llama_ft: Path, monkeypatch, reload_works: bool
+) -> None:
+    """The request that hit the fault fails with a 500; then either the base was read back
+    and verified (serving goes on, the base's text unchanged) or every request gets a 503
+    ``weights_corrupt`` and ``/readyz`` reports the weights, so a load balancer stops
+    sending traffic to weights that are neither the base nor a fine-tune."""
+    import server.engine
+
+    app = create_app(make_settings(tmp_path, str(tiny_llama_dir), max_upload_bytes=20 << 20))
+    with TestClient(app, raise_server_exceptions=False) as client:  # the 500 as sent
+        job = wait_job(client, upload(client, llama_ft, "ft-k", rate=0.5)["job_id"])
+        assert job["state"] == "done", job
+        st = client.app.state.darex
+        base_id = st.base_id
+        body = {"model": base_id, "prompt": "hello world", "max_tokens": 6, "temperature": 0}
+        base_text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        real = server.engine.kernels.swap
+        monkeypatch.setattr(server.engine.kernels, "swap", faulting_swap(real))
+        if not reload_works:
+            monkeypatch.setattr(st.engine, "_reload_base", lambda: {})
+        assert_error(client.post("/v1/completions", json={**body, "model": "ft-k"}), 500)
+        monkeypatch.setattr(server.engine.kernels, "swap", real)
+        r = client.post("/v1/completions", json=body)
+        ready = client.get("/readyz")
+        if reload_works:
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == base_text
+            assert ready.status_code == 200 and ready.json()["checks"]["weights"] == "ok"
+            assert st.engine.base_fingerprint() == st.engine.loaded_fingerprint
+        else:
+            err = assert_error(r, 503, "unknown state", "reloading the base failed")
+            assert err["code"] == "weights_corrupt"
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["weights"].startswith("corrupt: a swap kernel failed")

@@ -18,11 +18,12 @@ from transformers import (
 import server.engine
 from server.deltas import MemorySource
 from server.engine import Engine
-from server.errors import WrongTask
+from server.errors import WeightsCorrupt, WrongTask
 from storage.errors import UnknownModel
 from tests.server.engine_util import (
     base_state,
     expected_buffers,
+    faulting_swap,
     merged_state,
     random_finetune,
     random_source,
@@ -223,9 +224,9 @@ def test_forget_drops_cache_and_restores(lm) -> None:
 def test_a_failed_swap_changes_nothing_and_leaves_no_pin(
     lm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A swap that fails (out of memory, a kernel error) leaves the active model as it
-    was, and the target unpinned: a pin left behind kept the delta cached for good and
-    made the model's delete fail after it had been unregistered."""
+    """A swap that fails before its kernel (out of memory, a bad head) leaves the active
+    model as it was, and the target unpinned: a pin left behind kept the delta cached for
+    good and made the model's delete fail after it had been unregistered."""
     eng, _, _ = lm
     eng.activate("ft-a")
     fp = eng.base_fingerprint()
@@ -233,7 +234,8 @@ def test_a_failed_swap_changes_nothing_and_leaves_no_pin(
     def boom(*_a, **_k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(server.engine.kernels, "swap", boom)
+    monkeypatch.setattr(server.engine.kernels, "swap", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(eng, "_make_head", boom)  # the last step before the kernel
     with pytest.raises(RuntimeError, match="simulated"):
         eng.activate("ft-b")
     assert eng.active == "ft-a" and eng.base_fingerprint() == fp
@@ -245,6 +247,78 @@ def test_a_failed_swap_changes_nothing_and_leaves_no_pin(
     assert eng.activate("ft-b") is True and eng.active == "ft-b"
     eng.restore()
     assert eng.base_fingerprint() == eng.loaded_fingerprint
+
+
+@pytest.mark.parametrize("start", ["ft-a", None])
+def test_a_kernel_that_fails_part_way_reloads_the_base_and_verifies_it(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, start: str | None
+) -> None:
+    """After a kernel fault the buffer is neither model: the engine drops the active
+    fine-tune, reads the base's checkpoint again, checks its hash, and serves on; the
+    next swap is exact again."""
+    base = base_state(tiny_llama_dir)
+    src, _ = random_source(base, LM_MODELS)
+    reloads: list[bool] = []  # whether the buffer was off the base when it was reloaded
+
+    def reload_base():
+        reloads.append(eng.base_fingerprint() != eng.loaded_fingerprint)
+        return AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).state_dict()
+
+    eng = _engine(tiny_llama_dir, "causal-lm", src, reload_base=reload_base)
+    want = expected_buffers(eng, ["ft-b"])
+    eng.forget("ft-b")
+    if start is not None:
+        eng.activate(start)
+    monkeypatch.setattr(server.engine.kernels, "swap", faulting_swap(server.engine.kernels.swap))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        eng.activate("ft-b")
+    assert reloads == [True] and eng.broken is None
+    assert eng.active is None and eng.head is None
+    assert eng.base_fingerprint() == eng.loaded_fingerprint
+    assert eng.cache_stats()["pinned"] == []
+    monkeypatch.undo()
+    assert eng.activate("ft-b") is True and torch.equal(eng.buf, want["ft-b"])
+    eng.restore()
+    assert eng.base_fingerprint() == eng.loaded_fingerprint
+    eng.close()
+
+
+@pytest.mark.parametrize("how", ["no checkpoint", "other weights", "reload fails"])
+def test_weights_that_cannot_be_restored_refuse_every_request(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """When the base cannot be read back and verified, the engine says why and refuses to
+    activate anything (base included) with ``WeightsCorrupt``, rather than serve weights
+    that are neither the base nor a fine-tune."""
+    base = base_state(tiny_llama_dir)
+    src, _ = random_source(base, LM_MODELS)
+
+    def reload_base():
+        if how == "reload fails":
+            raise OSError("model.safetensors: No such file or directory")
+        state = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).state_dict()
+        state["model.norm.weight"] = state["model.norm.weight"] + 1.0
+        return state
+
+    kw = {} if how == "no checkpoint" else {"reload_base": reload_base}
+    eng = _engine(tiny_llama_dir, "causal-lm", src, **kw)
+    eng.activate("ft-a")
+    monkeypatch.setattr(server.engine.kernels, "swap", faulting_swap(server.engine.kernels.swap))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        eng.activate("ft-b")
+    monkeypatch.undo()
+    why = {
+        "no checkpoint": "no checkpoint to reload the base from",
+        "other weights": "the reloaded base hashes to",
+        "reload fails": "reloading the base failed (OSError",
+    }[how]
+    assert eng.broken is not None and why in eng.broken
+    assert "illegal memory access" in eng.broken and eng.active is None
+    for target in ("ft-a", "ft-c", None):
+        with pytest.raises(WeightsCorrupt, match="unknown state"):
+            eng.activate(target)
+    assert eng.cache_stats()["pinned"] == []
+    eng.close()
 
 
 def test_batches_never_switch_the_shared_tokenizer_to_padding(bert) -> None:

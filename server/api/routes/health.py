@@ -21,9 +21,13 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONResponse:
-    """Ready when the base is loaded, the scheduler runs and the registry answers."""
+    """Ready when the base is loaded, its weights are trusted (no swap kernel failed
+    without the base being restored and verified), the scheduler runs and the registry
+    answers."""
+    eng = state.engine
     checks: dict[str, str] = {
-        "base": "loaded" if state.engine is not None else "loading",
+        "base": "loaded" if eng is not None else "loading",
+        "weights": "ok" if eng is None or eng.broken is None else f"corrupt: {eng.broken}",
         "scheduler": "running" if state.scheduler is not None else "stopped",
     }
     try:
@@ -35,6 +39,7 @@ async def readyz(state: StateDep) -> JSONResponse:
         checks["registry"] = f"unavailable: {e}"
     ok = (
         checks["base"] == "loaded"
+        and checks["weights"] == "ok"
         and checks["scheduler"] == "running"
         and checks["registry"] == "ok"
     )
