@@ -558,6 +558,9 @@ def run_part(
     rows = list(refs)
     cells = [(p, m) for p in rates for m in methods]
     rows += [kept[(m, p)] for p, m in cells if (m, p) in kept]
+    for (m, p), r in kept.items():  # DARE's recorded metrics serve a q of 1-p as run ones
+        if m == "dare":
+            st.dare_test.update(((p, s), v) for s, v in zip(r.seeds, r.values, strict=True))
     todo = [(p, m) for p, m in cells if (m, p) not in kept]
     if len(todo) < len(cells):
         log.info(

@@ -558,10 +558,23 @@ def test_a_rerun_keeps_the_cells_of_the_same_fine_tune_and_budget_and_runs_the_r
         evaluated.append((method, p))
         return run_method(st, method, p)
 
+    opened: list[rp.Setting] = []
+    open_setting = rp.open_setting
+
+    def capture(*a, **k):
+        opened.append(open_setting(*a, **k))
+        return opened[-1]
+
     monkeypatch.setattr(rp, "run_method", spy)
+    monkeypatch.setattr(rp, "open_setting", capture)
     monkeypatch.setattr(rp, "reference_rows", lambda st: pytest.fail("references rerun"))
     again = rp.run_part(w, base, task, "tiny", TINY, BUDGET, (0.9, 0.99), ("dare", "magnitude"))
     assert sorted(evaluated) == [("dare", 0.99), ("magnitude", 0.9), ("magnitude", 0.99)]
+    # a DAREx-q whose q is 1-p takes the kept DARE cell's metrics, as it takes run ones
+    dare = next(r for r in first if (r.method, r.p) == ("dare", 0.9))
+    assert {k: v for k, v in opened[0].dare_test.items() if k[0] == 0.9} == {
+        (0.9, s): v for s, v in zip(dare.seeds, dare.values, strict=True)
+    }
     old = {(r.method, r.p): r for r in first}
     kept = {(r.method, r.p): r for r in again if (r.method, r.p) in old}
     assert set(kept) == {("unpruned", 0.0), ("base", 0.0), ("dare", 0.9), ("recommend", 0.9)}
