@@ -474,9 +474,8 @@ def test_labeled_q_is_searched_per_mask_when_the_budget_asks(work, monkeypatch, 
     seed's q serves every seed."""
     from pruning.q import QSearch
 
-    w, base, task, _ = work
-    budget = rp.Budget(**{**vars(BUDGET), "q_per_mask": per_mask})
-    st = rp.open_setting(base, w / rp.slug(base.name) / task.name / "tiny", task, "tiny", budget)
+    st = _tiny_setting(work, per_mask)
+    budget = st.budget
     searched: list[int] = []  # the seed of the mask each search scores
     by_seed = {0: 0.2, 1: 0.5}
     real_scorer = st.lab.q_scorer
@@ -495,11 +494,7 @@ def test_labeled_q_is_searched_per_mask_when_the_budget_asks(work, monkeypatch, 
     want = [by_seed[s] for s in budget.seeds] if per_mask else [0.2, 0.2]
     assert searched == (list(budget.seeds) if per_mask else [0])
     assert row.extra["qs"] == want and row.extra["val"] == 0.5  # the first seed's score
-    fresh = [
-        st.lab.metric_with(st.lab.dare_masks(0.9, s), st.test, (1.0 - 0.9) / q)
-        for s, q in zip(budget.seeds, want, strict=True)
-    ]
-    assert row.values == fresh
+    assert row.values == _dare_metrics_at(st, 0.9, want)
 
 
 @pytest.mark.parametrize("per_mask", [False, True])
@@ -507,9 +502,8 @@ def test_output_change_q_is_searched_per_mask_when_the_budget_asks(
     work, monkeypatch, per_mask
 ) -> None:
     """The unlabeled global q follows ``q_per_mask`` as the labeled one does."""
-    w, base, task, _ = work
-    budget = rp.Budget(**{**vars(BUDGET), "q_per_mask": per_mask})
-    st = rp.open_setting(base, w / rp.slug(base.name) / task.name / "tiny", task, "tiny", budget)
+    st = _tiny_setting(work, per_mask)
+    budget = st.budget
     searched: list[int] = []
     by_seed = {0: 0.2, 1: 0.5}
 
@@ -522,11 +516,22 @@ def test_output_change_q_is_searched_per_mask_when_the_budget_asks(
     want = [by_seed[s] for s in budget.seeds] if per_mask else [0.2, 0.2]
     assert searched == (list(budget.seeds) if per_mask else [0])
     assert row.extra["qs"] == want
-    fresh = [
-        st.lab.metric_with(st.lab.dare_masks(0.9, s), st.test, (1.0 - 0.9) / q)
-        for s, q in zip(budget.seeds, want, strict=True)
+    assert row.values == _dare_metrics_at(st, 0.9, want)
+
+
+def _tiny_setting(work, per_mask: bool) -> rp.Setting:
+    """The module's tiny fine-tune opened with BUDGET, ``q_per_mask`` as given."""
+    w, base, task, _ = work
+    budget = rp.Budget(**{**vars(BUDGET), "q_per_mask": per_mask})
+    return rp.open_setting(base, w / rp.slug(base.name) / task.name / "tiny", task, "tiny", budget)
+
+
+def _dare_metrics_at(st: rp.Setting, p: float, qs: list[float]) -> list[float]:
+    """Test metric of each seed's DARE mask rescaled to its q, evaluated afresh."""
+    return [
+        st.lab.metric_with(st.lab.dare_masks(p, s), st.test, (1.0 - p) / q)
+        for s, q in zip(st.budget.seeds, qs, strict=True)
     ]
-    assert row.values == fresh
 
 
 def _same(a: dict, b: dict) -> bool:
