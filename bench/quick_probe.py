@@ -4,9 +4,10 @@ and DAREx-q (labeled q) at the given rates, and the headline's gain and gap:
     python bench/quick_probe.py --work /tmp/qx/work/lr35-s3 --lr 3.5e-4 --seed 3 \\
         --mask-seeds 5 --test 500 --rates 0.99 --freeze-embeddings --q-per-mask
 
-The fine-tune is cached in ``WORK`` under the name "probe", whatever its options, so use
-one ``WORK`` per setting; a rerun there keeps the cells it has for the same budget and
-evaluates the rest (``run_part``). The result is printed as
+The fine-tune is cached in ``WORK`` under the name "probe" and trained again when its
+options change (``stale_reason``), so use one ``WORK`` per setting to keep each; a rerun
+with the same options keeps the cells it has for the same budget and evaluates the rest
+(``run_part``). The result is printed as
 one JSON line and appended to ``--log``. ``--seed`` (the fine-tune's head initialisation
 and data order) stands in for the bit-level differences between CPU models, so a
 setting can be checked on several fine-tunes before it becomes the check.

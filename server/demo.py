@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from server.reproduce_lab import Lab, by_length, open_lab, slug
-from server.training import RESULT_FILE, finetune
+from server.training import RESULT_FILE, finetune, stale_reason
 from storage.bases import BaseInfo
 from storage.errors import UnknownModel
 from storage.ingest import ingest
@@ -58,6 +58,7 @@ class DemoRow:
     stored_bytes: int
     fp16_bytes: int
     manifest_key: str
+    examples: int = 0  # test examples the two accuracies were measured on
     reused: bool = False
 
 
@@ -71,22 +72,24 @@ def demo_dir(data_dir: Path, base: BaseInfo, task: str) -> Path:
 
 
 def demo_finetune(data_dir: Path, base: BaseInfo, task: str, budget: DemoBudget) -> Path:
-    """The cached demo fine-tune, trained when missing or made on another base."""
+    """The cached demo fine-tune, trained when missing, made on another checkpoint of the
+    base or with another budget (``stale_reason``): ``--steps 100`` after a default run
+    trains 100 steps, not reuses the epoch."""
     out = demo_dir(data_dir, base, task)
-    rec = out / RESULT_FILE
-    if rec.is_file() and json.loads(rec.read_text()).get("base_sha256") == base.sha256:
-        return out
     lr = budget.lr if budget.lr is not None else (3e-4 if base.arch == "decoder" else 5e-5)
-    finetune(
-        base,
-        task,
-        out,
-        lr=lr,
-        max_steps=budget.steps,
-        max_train=budget.train,
-        max_eval=min(budget.eval_n, 200),
-        max_length=budget.max_length,
-    )
+    opts = {
+        "lr": lr,
+        "max_steps": budget.steps,
+        "max_train": budget.train,
+        "max_eval": min(budget.eval_n, 200),
+        "max_length": budget.max_length,
+    }
+    why = stale_reason(out, base, opts)
+    if why is None:
+        return out
+    if (out / RESULT_FILE).is_file():
+        log.info("demo fine-tune %s %s; training it again", out, why, extra={"task": task})
+    finetune(base, task, out, **opts)
     return out
 
 
@@ -115,6 +118,17 @@ def load_stored(lab: Lab, store: DeltaStore, model_id: str) -> None:
             params[name].data.copy_(store.load_dense(entry, "cpu").float())
 
 
+def _cached_row(path: Path) -> DemoRow | None:
+    """The scores a previous run cached, or None (none, or a file it cannot read)."""
+    try:
+        return DemoRow(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        log.warning("ignoring the cached demo scores %s: %s", path, e)
+        return None
+
+
 def build_one(
     store: DeltaStore, data_dir: Path, base: BaseInfo, task_name: str, budget: DemoBudget, p: float
 ) -> DemoRow:
@@ -123,20 +137,21 @@ def build_one(
     ft_dir = demo_finetune(data_dir, base, task_name, budget)
     model_id = f"demo-{task_name}"
     key = _registered(store, model_id, base)
-    cache = ft_dir / EVAL_FILE
-    if key is not None and cache.is_file():
-        row = DemoRow(**json.loads(cache.read_text()))
-        if row.manifest_key == key and row.p == p:
-            row.reused = True
-            return row
-    if key is None or store.manifest_at(key).p != p:
+    # The scores live beside the fine-tune, so a fine-tune trained again has none: the
+    # registered delta is this fine-tune's only when the scores name it
+    cached = _cached_row(ft_dir / EVAL_FILE)
+    ours = key is not None and cached is not None and (cached.manifest_key, cached.p) == (key, p)
+    exs = by_length(task.test[: budget.eval_n])
+    if cached is not None and ours and cached.examples == len(exs):
+        cached.reused = True
+        return cached
+    if not ours:
         # unlabeled validation inputs: a delta DARE cannot keep is stored as DAREx-q
         calib = [e.text for e in task.validation[-CALIB_TEXTS:]]
         res = ingest(store, model_id, ft_dir, base, p=p, replace=True, calib_texts=calib)
         key = res.manifest_key
     m = store.manifest_at(key)
     lab = open_lab(base, ft_dir, task, max_length=budget.max_length)
-    exs = by_length(task.test[: budget.eval_n])
     unpruned = lab.metric(exs)
     load_stored(lab, store, model_id)
     stored = lab.metric(exs)
@@ -151,8 +166,9 @@ def build_one(
         m.stored_bytes(),
         m.fp16_bytes,
         key,
+        len(exs),
     )
-    cache.write_text(json.dumps(asdict(row), indent=2) + "\n")
+    (ft_dir / EVAL_FILE).write_text(json.dumps(asdict(row), indent=2) + "\n")
     log.info(
         "demo %s: %s %.3f -> %.3f",
         task_name,

@@ -54,6 +54,7 @@ __all__ = [
     "evaluate",
     "finetune",
     "load_finetuned",
+    "stale_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,51 @@ def check_out_dir(out: Path | str, base_dir: Path | str | None = None) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise FinetuneError(f"--out {out}: {parent} is a file, not a folder")
+
+
+# Settings that leave the trained weights as they are: where it ran (a fine-tune made on a
+# GPU serves a CPU rerun, and ``auto`` is recorded as the device it picked) and how many
+# validation examples scored it
+_NOT_WEIGHTS = frozenset({"device", "max_eval"})
+
+
+def changed_settings(recorded: dict[str, Any], opts: dict[str, Any]) -> dict[str, tuple]:
+    """The settings, as ``{name: (recorded, asked)}``, in which a fine-tune's recorded
+    ``settings`` differ from the ``FinetuneOptions`` fields ``opts`` in a way that changes the
+    weights. A setting the record lacks (one added since) counts as its default; ``lr``
+    compares resolved (None = the default for the kind) and ``max_train``/``max_steps`` of
+    0 and None both mean "no limit"."""
+    asked_opts, default = FinetuneOptions(**opts), FinetuneOptions()
+
+    def norm(k: str, v: Any) -> Any:
+        return (v or None) if k in ("max_train", "max_steps") else v
+
+    asked = dataclasses.asdict(asked_opts) | {"lr": asked_opts.resolved_lr()}
+    return {
+        k: (have, v)
+        for k, v in asked.items()
+        if k not in _NOT_WEIGHTS
+        and norm(k, have := recorded.get(k, getattr(default, k))) != norm(k, v)
+    }
+
+
+def stale_reason(out: Path, base: BaseInfo, opts: dict[str, Any]) -> str | None:
+    """None when ``out`` holds a fine-tune of this checkpoint of ``base`` trained with the
+    settings ``opts`` asks for, so it can be reused; otherwise why not, as a phrase."""
+    rec_file = out / RESULT_FILE
+    if not rec_file.is_file():
+        return "is missing"
+    try:
+        rec = json.loads(rec_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"has an unreadable {RESULT_FILE} ({e})"
+    if rec.get("base_sha256") != base.sha256:
+        return f"was trained on another checkpoint of {base.name}"
+    changed = changed_settings(rec.get("settings", {}), opts)
+    if changed:
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        return f"was trained with other settings ({diff})"
+    return None
 
 
 def _replace_dir(new: Path, dst: Path) -> None:

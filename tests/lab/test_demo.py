@@ -20,8 +20,9 @@ runner = CliRunner()
 TASKS = ("rt-sentiment", "rt-subjectivity")
 
 
-def _demo(base: Path) -> str:
-    args = ["demo", "--base", str(base), "--steps", "3", "--train", "48", "--eval", "24"]
+def _demo(base: Path, steps: int = 3, eval_n: int = 24) -> str:
+    args = ["demo", "--base", str(base), "--steps", str(steps), "--train", "48"]
+    args += ["--eval", str(eval_n)]
     for t in TASKS:
         args += ["--task", t]
     res = runner.invoke(app, [*args, "--no-serve"])
@@ -73,3 +74,38 @@ def test_demo_builds_stores_and_reuses(tiny_bert_dir: Path, data_dir: Path) -> N
             assert path.stat().st_mtime == stamps[t]  # not re-trained
     finally:
         store.close()
+
+
+def test_a_rerun_with_another_budget_trains_or_scores_again_what_it_changes(
+    tiny_bert_dir: Path, data_dir: Path
+) -> None:
+    """The cache follows the options: more steps train the fine-tune again and store the new
+    delta (its old scores go with the old fine-tune); another ``--eval`` keeps the
+    fine-tune and the stored delta and only measures again."""
+    task = TASKS[0]
+    _demo(tiny_bert_dir)
+    base = resolve_base(tiny_bert_dir, data_dir)
+    ft = demo_dir(data_dir, base, task)
+    reg = f"sqlite:///{data_dir / 'registry.sqlite3'}"
+
+    def state() -> tuple[str, float, dict]:
+        store = DeltaStore(data_dir, open_registry(reg))
+        try:
+            key = store.registry.get_model(f"demo-{task}")
+        finally:
+            store.close()
+        return key, (ft / RESULT_FILE).stat().st_mtime, json.loads((ft / EVAL_FILE).read_text())
+
+    key, stamp, row = state()
+    assert row["examples"] == 24
+    out = _demo(tiny_bert_dir, eval_n=16)
+    assert "reused" not in out
+    key2, stamp2, row2 = state()
+    assert (key2, stamp2) == (key, stamp) and row2["examples"] == 16
+    out = _demo(tiny_bert_dir, steps=5, eval_n=16)
+    assert "reused" not in out
+    key3, stamp3, row3 = state()
+    rec = json.loads((ft / RESULT_FILE).read_text())
+    assert rec["steps"] == 5 and stamp3 != stamp
+    assert key3 != key and row3["manifest_key"] == key3  # the new fine-tune's delta
+    assert _demo(tiny_bert_dir, steps=5, eval_n=16).count("reused the fine-tune") == len(TASKS)

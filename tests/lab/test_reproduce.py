@@ -17,7 +17,7 @@ from server import reproduce as rp
 from server import reproduce_report as rr
 from server.cli import app
 from server.reproduce_lab import by_length, open_lab
-from server.training import RESULT_FILE
+from server.training import RESULT_FILE, changed_settings
 from storage.bases import resolve_base
 from storage.tasks import load_task
 
@@ -604,3 +604,48 @@ def test_a_rerun_keeps_the_cells_of_the_same_fine_tune_and_budget_and_runs_the_r
     (ft / RESULT_FILE).write_text(json.dumps({**rec, "seconds": rec["seconds"] + 1.0}))
     rp.run_part(w, base, task, "tiny", TINY, BUDGET, (0.9,), ("dare",))
     assert evaluated == [("dare", 0.9)]
+
+
+def test_a_cached_fine_tune_is_trained_again_when_its_weights_settings_changed(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """``ensure_finetune`` reuses a spec's fine-tune only while it was trained with the
+    settings asked for; where it ran and how much validation scored it do not count, so a
+    fine-tune made on a GPU (or with ``device: auto``) serves a CPU rerun."""
+    w = tmp_path / "w"
+    base, task = resolve_base(tiny_bert_dir, w), load_task("rt-sentiment")
+    trained: list[dict] = []
+    finetune = rp.finetune
+
+    def spy(*a, **k):
+        trained.append(k)
+        return finetune(*a, **k)
+
+    monkeypatch.setattr(rp, "finetune", spy)
+    ft, rec = rp.ensure_finetune(w, base, task, "tiny", TINY, max_length=32, max_eval=8)
+    assert len(trained) == 1 and rec["settings"]["device"] == "cpu"
+    # the same weights' settings: reused, however the device and validation are asked
+    for opts, max_eval in ((TINY, 8), ({**TINY, "device": "cpu"}, 16), ({**TINY}, None)):
+        again, rec2 = rp.ensure_finetune(w, base, task, "tiny", opts, 32, max_eval)
+        assert again == ft and rec2 == rec
+    # 0 and None both mean "no limit" for max_train and max_steps
+    whole = {**rec["settings"], "max_train": None}
+    assert changed_settings(whole, {**TINY, "max_train": 0, "max_length": 32}) == {}
+    assert changed_settings(whole, {**TINY, "max_length": 32}) == {"max_train": (None, 64)}
+    assert len(trained) == 1
+    # a setting the record lacks counts as its default, so records made before it reuse
+    old = {k: v for k, v in rec["settings"].items() if k != "warmup"}
+    assert changed_settings(old, {**TINY, "max_length": 32}) == {}
+    assert changed_settings(old, {**TINY, "max_length": 32, "warmup": 0.2}) == {
+        "warmup": (0.1, 0.2)
+    }
+    # a changed learning rate or token length: trained again, the record says so, and the
+    # log names the spec and what changed
+    with caplog.at_level("WARNING", logger=rp.log.name):
+        _, rec3 = rp.ensure_finetune(w, base, task, "tiny", {**TINY, "lr": 2e-3}, 32, 8)
+    assert len(trained) == 2 and rec3["settings"]["lr"] == 2e-3
+    assert "tiny" in caplog.text and "lr: 0.001 -> 0.002" in caplog.text
+    _, rec4 = rp.ensure_finetune(w, base, task, "tiny", {**TINY, "lr": 2e-3}, 24, 8)
+    assert len(trained) == 3 and rec4["settings"]["max_length"] == 24
+    assert rp.ensure_finetune(w, base, task, "tiny", {**TINY, "lr": 2e-3}, 24, 8)[1] == rec4
+    assert len(trained) == 3
