@@ -20,9 +20,9 @@ runner = CliRunner()
 TASKS = ("rt-sentiment", "rt-subjectivity")
 
 
-def _demo(base: Path, steps: int = 3, eval_n: int = 24) -> str:
+def _demo(base: Path, steps: int = 3, eval_n: int = 24, rate: float = 0.99) -> str:
     args = ["demo", "--base", str(base), "--steps", str(steps), "--train", "48"]
-    args += ["--eval", str(eval_n)]
+    args += ["--eval", str(eval_n), "--rate", str(rate)]
     for t in TASKS:
         args += ["--task", t]
     res = runner.invoke(app, [*args, "--no-serve"])
@@ -81,7 +81,8 @@ def test_a_rerun_with_another_budget_trains_or_scores_again_what_it_changes(
 ) -> None:
     """The cache follows the options: more steps train the fine-tune again and store the new
     delta (its old scores go with the old fine-tune); another ``--eval`` keeps the
-    fine-tune and the stored delta and only measures again."""
+    fine-tune and the stored delta and only measures again; another ``--rate`` keeps the
+    fine-tune and stores it again."""
     task = TASKS[0]
     _demo(tiny_bert_dir)
     base = resolve_base(tiny_bert_dir, data_dir)
@@ -109,3 +110,6 @@ def test_a_rerun_with_another_budget_trains_or_scores_again_what_it_changes(
     assert rec["steps"] == 5 and stamp3 != stamp
     assert key3 != key and row3["manifest_key"] == key3  # the new fine-tune's delta
     assert _demo(tiny_bert_dir, steps=5, eval_n=16).count("reused the fine-tune") == len(TASKS)
+    _demo(tiny_bert_dir, steps=5, eval_n=16, rate=0.9)
+    key4, stamp4, row4 = state()
+    assert stamp4 == stamp3 and key4 != key3 and (row4["manifest_key"], row4["p"]) == (key4, 0.9)
