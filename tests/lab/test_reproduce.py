@@ -17,7 +17,7 @@ from server import reproduce as rp
 from server import reproduce_report as rr
 from server.cli import app
 from server.reproduce_lab import by_length, open_lab
-from server.training import RESULT_FILE, changed_settings
+from server.training import RESULT_FILE, changed_settings, stale_reason
 from storage.bases import resolve_base
 from storage.tasks import load_task
 
@@ -649,3 +649,9 @@ def test_a_cached_fine_tune_is_trained_again_when_its_weights_settings_changed(
     assert len(trained) == 3 and rec4["settings"]["max_length"] == 24
     assert rp.ensure_finetune(w, base, task, "tiny", {**TINY, "lr": 2e-3}, 24, 8)[1] == rec4
     assert len(trained) == 3
+    # another checkpoint under the base's name: trained again on it
+    other = replace(base, sha256="0" * 64)
+    assert "another checkpoint" in stale_reason(ft, other, {**TINY, "lr": 2e-3, "max_length": 24})
+    with caplog.at_level("WARNING", logger=rp.log.name):
+        rp.ensure_finetune(w, other, task, "tiny", {**TINY, "lr": 2e-3}, 24, 8)
+    assert len(trained) == 4 and "another checkpoint" in caplog.text
