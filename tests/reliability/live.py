@@ -56,7 +56,7 @@ class ServerProcess:
     def __init__(self, data_dir: Path, base_dir: Path, **env: str) -> None:
         self.data_dir, self.base_dir = data_dir, base_dir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}"  # a restart may move it: see ``start``
         self.env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -77,8 +77,17 @@ class ServerProcess:
         self.fp_file = data_dir / "fingerprint.json"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> ServerProcess:
+    def _use_port(self, port: int) -> None:
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.env["DAREX_PORT"] = str(port)
+
+    def start(self, timeout: float = 120.0, tries: int = 3) -> ServerProcess:
+        """Start the server and wait for ``/readyz``. A restart binds the port it had, which
+        something else on the machine may have taken since the kill (another test's
+        outgoing connection, or Ray's processes, on the same ephemeral port): then it moves
+        to a new free port, up to ``tries`` times; ``url`` follows."""
         self.fp_file.unlink(missing_ok=True)
+        start_at = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.reliability.serve_proc", str(self.fp_file)],
@@ -90,6 +99,12 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                with self.log.open("rb") as f:
+                    f.seek(start_at)
+                    this_run = f.read().decode(errors="replace")
+                if tries > 1 and "address already in use" in this_run:
+                    self._use_port(free_port())
+                    return self.start(timeout, tries - 1)
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.tail()}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
