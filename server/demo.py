@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from server.reproduce_lab import Lab, by_length, open_lab, slug
-from server.training import RESULT_FILE, finetune, stale_reason
+from server.training import finetune_unless_current
 from storage.bases import BaseInfo
 from storage.errors import UnknownModel
 from storage.ingest import ingest
@@ -84,12 +84,7 @@ def demo_finetune(data_dir: Path, base: BaseInfo, task: str, budget: DemoBudget)
         "max_eval": min(budget.eval_n, 200),
         "max_length": budget.max_length,
     }
-    why = stale_reason(out, base, opts)
-    if why is None:
-        return out
-    if (out / RESULT_FILE).is_file():
-        log.info("demo fine-tune %s %s; training it again", out, why, extra={"task": task})
-    finetune(base, task, out, **opts)
+    finetune_unless_current(base, task, out, opts)
     return out
 
 
@@ -139,13 +134,14 @@ def build_one(
     key = _registered(store, model_id, base)
     # The scores live beside the fine-tune, so a fine-tune trained again has none: the
     # registered delta is this fine-tune's only when the scores name it
-    cached = _cached_row(ft_dir / EVAL_FILE)
-    ours = key is not None and cached is not None and (cached.manifest_key, cached.p) == (key, p)
+    ours = _cached_row(ft_dir / EVAL_FILE)
+    if ours is not None and (ours.manifest_key, ours.p) != (key, p):
+        ours = None
     exs = by_length(task.test[: budget.eval_n])
-    if cached is not None and ours and cached.examples == len(exs):
-        cached.reused = True
-        return cached
-    if not ours:
+    if ours is not None and ours.examples == len(exs):
+        ours.reused = True
+        return ours
+    if ours is None:
         # unlabeled validation inputs: a delta DARE cannot keep is stored as DAREx-q
         calib = [e.text for e in task.validation[-CALIB_TEXTS:]]
         res = ingest(store, model_id, ft_dir, base, p=p, replace=True, calib_texts=calib)

@@ -31,7 +31,7 @@ from pruning.calib import capture
 from pruning.q import analytical_q, lsq_q, output_change_score, search_q_global
 from pruning.recommend import DeltaStats, recommend
 from server.reproduce_lab import Lab, Pruned, by_length, mean_std, open_lab, slug
-from server.training import RESULT_FILE, finetune, stale_reason
+from server.training import RESULT_FILE, finetune_unless_current
 from storage.bases import BaseInfo
 from storage.tasks import Task, load_task
 
@@ -202,14 +202,7 @@ def ensure_finetune(
     another checkpoint of the base or with other settings than ``opts`` (``stale_reason``)."""
     out = work / slug(base.name) / task.name / spec
     opts = {**opts, "max_eval": max_eval, "max_length": max_length}
-    extra = {"model_id": spec, "task": task.name, "base": base.name}
-    why = stale_reason(out, base, opts)
-    if why is not None:
-        if (out / RESULT_FILE).is_file():
-            log.warning("fine-tune %s %s; training it again", out, why, extra=extra)
-        log.info("fine-tuning %s/%s/%s", base.name, task.name, spec, extra=extra)
-        finetune(base, task, out, **opts)
-    return out, json.loads((out / RESULT_FILE).read_text())
+    return out, finetune_unless_current(base, task, out, opts)
 
 
 # -- one setting ---------------------------------------------------------------------------

@@ -53,6 +53,7 @@ __all__ = [
     "check_out_dir",
     "evaluate",
     "finetune",
+    "finetune_unless_current",
     "load_finetuned",
     "stale_reason",
 ]
@@ -389,6 +390,21 @@ def stale_reason(out: Path, base: BaseInfo, opts: dict[str, Any]) -> str | None:
         diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         return f"was trained with other settings ({diff})"
     return None
+
+
+def finetune_unless_current(
+    base: BaseInfo, task: Task | str, out: Path, opts: dict[str, Any]
+) -> dict[str, Any]:
+    """The record of the fine-tune in ``out``, trained first (replacing what is there) when
+    ``stale_reason`` says it cannot be reused; a replaced one is logged with the reason."""
+    why = stale_reason(out, base, opts)
+    if why is not None:
+        if (out / RESULT_FILE).is_file():
+            task_name = task if isinstance(task, str) else task.name
+            extra = {"model_id": out.name, "task": task_name, "base": base.name}
+            log.warning("fine-tune %s %s; training it again", out, why, extra=extra)
+        finetune(base, task, out, **opts)
+    return json.loads((out / RESULT_FILE).read_text())
 
 
 def _replace_dir(new: Path, dst: Path) -> None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import server.cli.lab  # noqa: F401  (registers the commands)
 from server import reproduce as rp
 from server import reproduce_report as rr
+from server import training
 from server.cli import app
 from server.reproduce_lab import by_length, open_lab
 from server.training import RESULT_FILE, changed_settings, stale_reason
@@ -615,13 +616,13 @@ def test_a_cached_fine_tune_is_trained_again_when_its_weights_settings_changed(
     w = tmp_path / "w"
     base, task = resolve_base(tiny_bert_dir, w), load_task("rt-sentiment")
     trained: list[dict] = []
-    finetune = rp.finetune
+    finetune = training.finetune
 
     def spy(*a, **k):
         trained.append(k)
         return finetune(*a, **k)
 
-    monkeypatch.setattr(rp, "finetune", spy)
+    monkeypatch.setattr(training, "finetune", spy)
     ft, rec = rp.ensure_finetune(w, base, task, "tiny", TINY, max_length=32, max_eval=8)
     assert len(trained) == 1 and rec["settings"]["device"] == "cpu"
     # the same weights' settings: reused, however the device and validation are asked
@@ -641,7 +642,7 @@ def test_a_cached_fine_tune_is_trained_again_when_its_weights_settings_changed(
     }
     # a changed learning rate or token length: trained again, the record says so, and the
     # log names the spec and what changed
-    with caplog.at_level("WARNING", logger=rp.log.name):
+    with caplog.at_level("WARNING", logger=training.log.name):
         _, rec3 = rp.ensure_finetune(w, base, task, "tiny", {**TINY, "lr": 2e-3}, 32, 8)
     assert len(trained) == 2 and rec3["settings"]["lr"] == 2e-3
     assert "tiny" in caplog.text and "lr: 0.001 -> 0.002" in caplog.text
@@ -652,6 +653,6 @@ def test_a_cached_fine_tune_is_trained_again_when_its_weights_settings_changed(
     # another checkpoint under the base's name: trained again on it
     other = replace(base, sha256="0" * 64)
     assert "another checkpoint" in stale_reason(ft, other, {**TINY, "lr": 2e-3, "max_length": 24})
-    with caplog.at_level("WARNING", logger=rp.log.name):
+    with caplog.at_level("WARNING", logger=training.log.name):
         rp.ensure_finetune(w, other, task, "tiny", {**TINY, "lr": 2e-3}, 24, 8)
     assert len(trained) == 4 and "another checkpoint" in caplog.text
