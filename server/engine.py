@@ -347,16 +347,20 @@ class Engine:
             info = self._info[model_id] = self.source.info(model_id)
         return info
 
-    def task_of(self, model_id: str | None) -> str:
-        """ "causal-lm" | "sequence-classification" | "feature-extraction"."""
+    def describe(self, model_id: str | None) -> tuple[str, list[str] | None]:
+        """``(task, label names)`` of a model, from one read of its info at most; the task
+        is "causal-lm" | "sequence-classification" | "feature-extraction"."""
         target = self._target(model_id)
         if target is None:
-            return "causal-lm" if self.kind == "causal-lm" else "feature-extraction"
-        return self._model_info(target).task
+            return ("causal-lm" if self.kind == "causal-lm" else "feature-extraction"), None
+        info = self._model_info(target)
+        return info.task, info.labels
+
+    def task_of(self, model_id: str | None) -> str:
+        return self.describe(model_id)[0]
 
     def labels_of(self, model_id: str | None) -> list[str] | None:
-        target = self._target(model_id)
-        return None if target is None else self._model_info(target).labels
+        return self.describe(model_id)[1]
 
     def cache_stats(self) -> dict[str, Any]:
         out = self.cache.stats()

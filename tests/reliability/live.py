@@ -55,8 +55,6 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, base_dir: Path, **env: str) -> None:
         self.data_dir, self.base_dir = data_dir, base_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"  # a restart may move it: see ``start``
         self.env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -67,17 +65,18 @@ class ServerProcess:
             "DAREX_DEVICE": "cpu",
             "DAREX_DTYPE": "float32",
             "DAREX_HOST": "127.0.0.1",
-            "DAREX_PORT": str(self.port),
             "DAREX_LOG_JSON": "true",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             **env,
         }
+        self._use_port(free_port())
         self.log = data_dir / "server.log"
         self.fp_file = data_dir / "fingerprint.json"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _use_port(self, port: int) -> None:
+        """Bind ``port`` from the next start on; a restart may move it (see ``start``)."""
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.env["DAREX_PORT"] = str(port)
 

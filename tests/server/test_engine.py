@@ -150,6 +150,7 @@ def test_classifier_equals_merged_checkpoint(bert, tiny_bert_dir: Path, tmp_path
         assert eng.task_of(mid) == "sequence-classification"
         if labels is not None:
             assert eng.labels_of(mid) == labels
+            assert eng.describe(mid) == ("sequence-classification", labels)
         # the head is the cached tensor itself, not a copy
         cached = eng.cache.device_tier.items[mid].extras["classifier.weight"]
         assert eng.head is not None and eng.head.weight.data_ptr() == cached.data_ptr()
@@ -168,6 +169,7 @@ def test_embed_is_masked_mean_of_last_hidden(bert) -> None:
     eng, _, _ = bert
     eng.activate("emb")
     assert eng.task_of("emb") == "feature-extraction" and eng.task_of(None) == "feature-extraction"
+    assert eng.describe(None) == ("feature-extraction", None)
     got = torch.tensor(eng.embed(TEXTS))
     enc = eng.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.inference_mode():

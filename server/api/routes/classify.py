@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends, Request
 
 from server.api.deps import SchedulerDep, StateDep, require_api_key
@@ -18,11 +16,8 @@ async def classify(
     body: ClassifyRequest, request: Request, state: StateDep, sched: SchedulerDep
 ) -> ClassifyResponse:
     """``scores[label] = softmax(head(pooled))[label]``; ``label`` is the argmax."""
-    target, _ = await resolve_model(
+    target, labels = await resolve_model(
         state, request, body.model, ("sequence-classification",), "/v1/classify"
     )
-    # the label names come from the model's info, which may need the registry: off the
-    # event loop, and before the batch, so they are the ones of the model that ran it
-    labels = await asyncio.to_thread(state.engine.labels_of, target)
     probs = await sched.classify(target, body.texts)
     return ClassifyResponse.from_probs(body.model, probs, labels)

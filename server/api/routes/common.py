@@ -20,19 +20,23 @@ log = logging.getLogger(__name__)
 
 async def resolve_model(
     state: AppState, request: Request, model: str, tasks: tuple[str, ...], endpoint: str
-) -> tuple[str | None, str]:
-    """``(scheduler key, task)`` of a request's model; 404 unknown, 422 wrong task."""
+) -> tuple[str | None, list[str] | None]:
+    """``(scheduler key, label names)`` of a request's model; 404 unknown, 422 wrong task.
+
+    Its info may need the registry: read off the event loop, in one hop, before the batch
+    (so the labels are the ones of the model that runs it).
+    """
     model_id_var.set(model)
     if state.engine is None:
         raise NotReady("the base model is still loading")
     target = state.target(model)
-    task = await asyncio.to_thread(state.engine.task_of, target)
+    task, labels = await asyncio.to_thread(state.engine.describe, target)
     if task not in tasks:
         raise WrongTask(
             f"model {model!r} is a {task} model; {endpoint} serves {' or '.join(tasks)}"
         )
     request.state.model_label = model
-    return target, task
+    return target, labels
 
 
 def check_prompt(state: AppState, ids: list[int], params: SamplingParams, field: str) -> None:
