@@ -32,6 +32,13 @@ def error_exit(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def rate_problem(*rates: float) -> str | None:
+    """What is wrong with pruning rates outside [0, 1) (NaN too), or None when all fit: the
+    one wording of this check for every command."""
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    return f"the pruning rate p must be in [0, 1), got {', '.join(map(str, bad))}" if bad else None
+
+
 def cli_settings(factory: Callable[[], Settings] | None = None) -> Settings:
     """The settings (``get_settings()`` unless ``factory`` builds them); a bad ``DAREX_*``
     value exits 2 with one line naming the variable, what it expects and the value."""

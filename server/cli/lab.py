@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli import app, check_port_free, cli_settings, error_exit
+from server.cli import app, check_port_free, cli_settings, error_exit, rate_problem
 from server.settings import Settings
 
 console = Console()
@@ -98,11 +98,8 @@ def reproduce(
         raise typer.BadParameter(
             f"{rates!r}: comma-separated numbers, e.g. 0.9,0.99", param_hint="--rates"
         ) from None
-    if bad_r := [r for r in given_rates if not 0.0 <= r < 1.0]:  # NaN too
-        raise typer.BadParameter(
-            f"pruning rates must be in [0, 1), got {', '.join(map(str, bad_r))}",
-            param_hint="--rates",
-        )
+    if why := rate_problem(*given_rates):
+        raise typer.BadParameter(why, param_hint="--rates")
     s = cli_settings()
     t0 = time.perf_counter()
     try:
@@ -220,8 +217,8 @@ def demo(
     from storage.registry import open_registry
     from storage.store import DeltaStore
 
-    if not 0.0 <= rate < 1.0:  # NaN too
-        raise error_exit(f"--rate: the pruning rate p must be in [0, 1), got {rate}", 2)
+    if why := rate_problem(rate):
+        raise error_exit(f"--rate: {why}", 2)
     if not os.environ.get("DAREX_ADMIN_TOKEN"):
         os.environ.setdefault("DAREX_ENV", "development")
     s = cli_settings(Settings)

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from server.cli import app
+from server.cli import app, rate_problem
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,8 @@ PATTERN_HELP = (
 
 
 def _check_rate(rate: float) -> float:
-    if not (0.0 <= rate < 1.0):  # NaN fails too
-        raise typer.BadParameter(f"--rate must be in [0, 1), got {rate}")
+    if why := rate_problem(rate):
+        raise typer.BadParameter(f"--rate: {why}")
     return rate
 
 

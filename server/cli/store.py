@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli import app, check_data_dir, cli_settings, error_exit
+from server.cli import app, check_data_dir, cli_settings, error_exit, rate_problem
 
 if TYPE_CHECKING:
     from storage.store import DeltaStore
@@ -72,10 +72,9 @@ def _check_add_options(
     methods = [m.value for m in Method]
     if method is not None and method not in methods:
         raise bad("--method", f"{method!r} is not one of {', '.join(methods)}")
-    if rate is not None and not (0.0 <= rate < 1.0):  # NaN fails this too
-        raise bad("--rate", f"the pruning rate p must be in [0, 1), got {rate}")
-    if rate is None and not (0.0 <= default_rate < 1.0):
-        raise bad("DAREX_DEFAULT_RATE", f"must be in [0, 1), got {default_rate}")
+    option, given = ("--rate", rate) if rate is not None else ("DAREX_DEFAULT_RATE", default_rate)
+    if why := rate_problem(given):
+        raise bad(option, why)
     if q is not None and not (q > 0.0 and math.isfinite(q)):
         raise bad("--q", f"the rescale q must be a finite number > 0, got {q}")
     if encoding not in ENCODING_CHOICES:

@@ -63,7 +63,7 @@ def test_inspect_checks_the_rate_before_the_scan(
 ) -> None:
     code, text = _invoke("inspect", tiny_bert_dir, bert_ft, "--rate", rate)
     assert code == 2, text
-    assert "--rate must be in [0, 1)" in text
+    assert "--rate: the pruning rate p must be in [0, 1)" in text
 
 
 def test_inspect_refuses_a_negative_limit(tiny_bert_dir: Path, bert_ft: Path, no_scan) -> None:
@@ -74,8 +74,8 @@ def test_inspect_refuses_a_negative_limit(tiny_bert_dir: Path, bert_ft: Path, no
 @pytest.mark.parametrize(
     ("args", "expect"),
     [
-        (["--rate", "1.5"], "--rate must be in [0, 1), got 1.5"),
-        (["--rate", "nan"], "--rate must be in [0, 1), got nan"),
+        (["--rate", "1.5"], "--rate: the pruning rate p must be in [0, 1), got 1.5"),
+        (["--rate", "nan"], "--rate: the pruning rate p must be in [0, 1), got nan"),
         (["--method", "darex_q", "--q", "abc"], "outchange, labeled, auto, analytical; got 'abc'"),
         (["--method", "darex_q", "--q", "0"], "--q must be a number > 0"),
         (["--method", "darex_q", "--q", "-1"], "--q must be a number > 0"),
