@@ -373,23 +373,31 @@ def changed_settings(recorded: dict[str, Any], opts: dict[str, Any]) -> dict[str
     }
 
 
-def stale_reason(out: Path, base: BaseInfo, opts: dict[str, Any]) -> str | None:
-    """None when ``out`` holds a fine-tune of this checkpoint of ``base`` trained with the
-    settings ``opts`` asks for, so it can be reused; otherwise why not, as a phrase."""
+def _reusable(
+    out: Path, base: BaseInfo, opts: dict[str, Any]
+) -> tuple[dict[str, Any], None] | tuple[None, str]:
+    """``(record, None)`` when ``out`` holds a fine-tune of this checkpoint of ``base``
+    trained with the settings ``opts`` asks for; ``(None, why not)`` otherwise."""
     rec_file = out / RESULT_FILE
     if not rec_file.is_file():
-        return "is missing"
+        return None, "is missing"
     try:
         rec = json.loads(rec_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"has an unreadable {RESULT_FILE} ({e})"
+        return None, f"has an unreadable {RESULT_FILE} ({e})"
     if rec.get("base_sha256") != base.sha256:
-        return f"was trained on another checkpoint of {base.name}"
+        return None, f"was trained on another checkpoint of {base.name}"
     changed = changed_settings(rec.get("settings", {}), opts)
     if changed:
         diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        return f"was trained with other settings ({diff})"
-    return None
+        return None, f"was trained with other settings ({diff})"
+    return rec, None
+
+
+def stale_reason(out: Path, base: BaseInfo, opts: dict[str, Any]) -> str | None:
+    """None when ``out`` holds a fine-tune of this checkpoint of ``base`` trained with the
+    settings ``opts`` asks for, so it can be reused; otherwise why not, as a phrase."""
+    return _reusable(out, base, opts)[1]
 
 
 def finetune_unless_current(
@@ -397,13 +405,14 @@ def finetune_unless_current(
 ) -> dict[str, Any]:
     """The record of the fine-tune in ``out``, trained first (replacing what is there) when
     ``stale_reason`` says it cannot be reused; a replaced one is logged with the reason."""
-    why = stale_reason(out, base, opts)
-    if why is not None:
-        if (out / RESULT_FILE).is_file():
-            task_name = task if isinstance(task, str) else task.name
-            extra = {"model_id": out.name, "task": task_name, "base": base.name}
-            log.warning("fine-tune %s %s; training it again", out, why, extra=extra)
-        finetune(base, task, out, **opts)
+    rec, why = _reusable(out, base, opts)
+    if rec is not None:
+        return rec  # read once: the reuse path does not open the record again
+    if (out / RESULT_FILE).is_file():
+        task_name = task if isinstance(task, str) else task.name
+        extra = {"model_id": out.name, "task": task_name, "base": base.name}
+        log.warning("fine-tune %s %s; training it again", out, why, extra=extra)
+    finetune(base, task, out, **opts)
     return json.loads((out / RESULT_FILE).read_text())
 
 
