@@ -50,7 +50,6 @@ from server.api.schemas import (
     ChatMessage,
     ClassifyRequest,
     ClassifyResponse,
-    Embedding,
     EmbeddingRequest,
     EmbeddingResponse,
 )
@@ -130,10 +129,8 @@ class Runtime:
             req = _validate(ClassifyRequest if kind == "classify" else EmbeddingRequest, body)
             if kind == "embeddings":
                 vecs = await self.scheduler.embed(target, req.texts)
-                data = [Embedding(index=i, embedding=v) for i, v in enumerate(vecs)]
                 n = sum(len(self.engine.tokenizer(t)["input_ids"]) for t in req.texts)
-                usage = {"prompt_tokens": n, "total_tokens": n}
-                return EmbeddingResponse(model=model, data=data, usage=usage).model_dump()
+                return EmbeddingResponse.build(model, vecs, n, req).model_dump()
             labels = await asyncio.to_thread(self.engine.labels_of, target)  # as the app
             probs = await self.scheduler.classify(target, req.texts)
             return ClassifyResponse.from_probs(model, probs, labels).model_dump()

@@ -34,10 +34,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.errors import ModelBusy, ModelRetired, SchedulerClosed
+from server.errors import InvalidRequest, ModelBusy, ModelRetired, SchedulerClosed, WrongTask
 from server.generation import Chunk, Row, SamplingParams, encode_prompt, generate_batch
+from storage.errors import BaseMismatch, UnknownModel
 
 log = logging.getLogger(__name__)
+
+# a batch failing with one of these failed for what its requests asked (a model that is
+# not there, or not of the task), not for a fault: logged without a traceback
+REQUEST_ERRORS = (UnknownModel, ModelRetired, WrongTask, InvalidRequest, BaseMismatch)
 
 Kind = Literal["generate", "classify", "embed"]
 
@@ -402,10 +407,11 @@ class Scheduler:
             self.stats.batches += 1
             self.stats.requests += len(batch)
         except Exception as e:
-            log.exception(
-                "batch failed",
-                extra={"model_id": key, "request_ids": [r.request_id for r in batch]},
-            )
+            extra = {"model_id": key, "request_ids": [r.request_id for r in batch]}
+            if isinstance(e, REQUEST_ERRORS):  # the request's doing: its 4xx says it all
+                log.warning("batch refused: %s", e, extra=extra)
+            else:
+                log.exception("batch failed", extra=extra)
             for r in batch:
                 r.sink.put(e)
 

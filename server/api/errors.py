@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server.errors import (
     InvalidRequest,
@@ -67,9 +69,23 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (SchedulerClosed, 503, "service_unavailable", "shutting_down"),
     (ModelBusy, 503, "service_unavailable", "model_busy"),
     (WeightsCorrupt, 503, "service_unavailable", "weights_corrupt"),
+    # the client closed the connection before its body arrived: nobody reads the answer,
+    # and it is not the server's fault (nginx's 499, kept out of the 5xx counts)
+    (ClientDisconnect, 499, "invalid_request_error", "client_disconnected"),
     (CorruptBlob, 500, "server_error", "corrupt_blob"),
     (MissingBlob, 500, "server_error", "missing_blob"),  # a registered model lost a blob
 ]
+
+
+# the field an error is about when the exception does not say
+_DEFAULT_PARAM = {
+    "model_not_found": "model",
+    "wrong_task": "model",
+    "ingest_in_progress": "model_id",
+    "invalid_model_id": "model_id",
+    "model_exists": "model_id",
+    "job_not_found": "job_id",
+}
 
 
 def error_body(
@@ -90,11 +106,7 @@ def describe(exc: BaseException) -> tuple[int, dict]:
     """Status and body for any exception (500 with no internals for unexpected ones)."""
     for cls, status, type_, code in ERROR_MAP:
         if isinstance(exc, cls):
-            param = getattr(exc, "field", None)
-            if param is None and code in ("model_not_found", "wrong_task"):
-                param = "model"
-            elif param is None and code == "ingest_in_progress":
-                param = "model_id"
+            param = getattr(exc, "field", None) or _DEFAULT_PARAM.get(code)
             return status, error_body(status, type_, str(exc), code, param)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         msg = "no space left on the data volume; free space or grow DAREX_DATA_DIR's disk"
@@ -124,27 +136,83 @@ async def _domain_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _is_tag(part: object) -> bool:
+    """A union branch pydantic names in an error's location (``str``, ``list[str]``)."""
+    if not isinstance(part, str):
+        return False
+    return part in _SCALAR_TAGS or re.fullmatch(r"[\w-]+\[.*\]", part) is not None
+
+
+_SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "none", "bytes"})
+
+
 def _loc(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _is_tag(p)]
     return ".".join(parts) or ".".join(str(p) for p in loc)
 
 
+def _branch_errors(errs: list[dict]) -> list[dict]:
+    """pydantic reports every branch of a union: for ``["a", null]`` against ``str |
+    list[str]``, "not a string" on the ``str`` branch and "item 1: not a string" on the
+    list's. A branch whose outer type did not even match is dropped when another branch
+    got further, so the error names the item that is wrong."""
+    keep = []
+    for e in errs:
+        loc = e["loc"]
+        i = next((k for k, part in enumerate(loc) if _is_tag(part)), None)
+        if i is not None and len(loc) == i + 1 and e["type"].endswith("_type"):
+            deeper = (o["loc"][:i] == loc[:i] and len(o["loc"]) > i + 1 for o in errs)
+            if any(deeper):
+                continue
+        keep.append(e)
+    return keep or errs
+
+
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errs = exc.errors()
+    errs = _branch_errors(list(exc.errors()))
     body_in = getattr(exc, "body", None)
     if isinstance(body_in, dict) and isinstance(body_in.get("model"), str):
         model_id_var.set(body_in["model"][:200])
-    details = [f"{_loc(e['loc'])}: {e['msg']}" for e in errs]
-    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-    body = error_body(422, "invalid_request_error", "; ".join(details), "invalid_request")
-    body["error"]["param"] = _loc(first["loc"])
+    bad_json = next((e for e in errs if e["type"] == "json_invalid"), None)
+    if bad_json is not None:  # the location is a character offset, not a field
+        why = (bad_json.get("ctx") or {}).get("error", "cannot be parsed")
+        message = f"the body is not valid JSON: {why} at character {bad_json['loc'][-1]}"
+        param = None
+    else:
+        message = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errs)
+        param = _loc(errs[0]["loc"]) if errs else None
+    body = error_body(422, "invalid_request_error", message, "invalid_request", param)
     log_error(422, body, None)
     return JSONResponse(body, status_code=422)
 
 
+def _unparsed_body(exc: StarletteHTTPException) -> str | None:
+    """What was wrong with a body FastAPI could not parse (its 400 says only that)."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None or exc.detail != _FASTAPI_UNPARSED:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        byte = cause.object[cause.start]
+        return f"the body is not valid UTF-8: byte 0x{byte:02x} at position {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "the body nests too deeply to be parsed"
+    return f"the body cannot be parsed: {type(cause).__name__}"
+
+
+_FASTAPI_UNPARSED = "There was an error parsing the body"
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
 async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, ClientDisconnect):  # gone while FastAPI read the JSON
+        return await _domain_handler(request, exc.__cause__)
+    if (why := _unparsed_body(exc)) is not None:
+        body = error_body(422, "invalid_request_error", why, "invalid_request")
+        log_error(422, body, None)
+        return JSONResponse(body, status_code=422)
     type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    body = error_body(exc.status_code, type_, str(exc.detail), None)
+    code = _HTTP_CODES.get(exc.status_code)
+    body = error_body(exc.status_code, type_, str(exc.detail), code)
     log_error(exc.status_code, body, None)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 

@@ -7,6 +7,7 @@ scheduler: cache hits/misses/bytes per tier, queue depth per model.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.logging import model_id_var, request_id_var
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SWAP_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -119,5 +122,19 @@ class RequestContextMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             if endpoint != "/metrics":
                 model = scope["state"].get("model_label", "-")
+                seconds = time.perf_counter() - t0
                 self.metrics.requests.labels(model, endpoint, str(status)).inc()
-                self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - t0)
+                self.metrics.latency.labels(model, endpoint).observe(seconds)
+                if endpoint.startswith(("/v1/", "/admin/")):  # not the probes' polling
+                    extra = {
+                        "model_id": (
+                            scope.get("path_params", {}).get("model_id")  # /admin/models/{id}
+                            if model == "-"
+                            else model
+                        ),
+                        "endpoint": endpoint,
+                        "method": scope.get("method"),
+                        "status": status,
+                        "seconds": round(seconds, 4),
+                    }
+                    log.info("%s %s %d", extra["method"], endpoint, status, extra=extra)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from server.errors import InvalidRequest
 from server.generation import SamplingParams
 
 MAX_INPUTS = 256  # texts in one /v1/classify or /v1/embeddings request
@@ -30,14 +33,50 @@ def check_unicode(texts: str | list[str] | None, what: str) -> None:
 def _check_inputs(v: str | list[str]) -> str | list[str]:
     if isinstance(v, list) and not 1 <= len(v) <= MAX_INPUTS:
         raise ValueError(f"a list of 1 to {MAX_INPUTS} texts, got {len(v)}")
+    items = [v] if isinstance(v, str) else v
+    if empty := [i for i, t in enumerate(items) if not t]:
+        which = "the text" if isinstance(v, str) else f"text {empty[0]}"
+        raise ValueError(f"{which} is empty")  # as OpenAI's embeddings refuse it
     check_unicode(v, "input")
     return v
+
+
+# OpenAI parameters this server does not implement: a request that turns one on gets a
+# 422 naming it, not a 200 that quietly lacks it. Their "off" values pass.
+UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "best_of",
+    "suffix",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+)
+
+
+_OFF_TOO = {
+    "best_of": 1,
+    "tool_choice": "none",
+    "function_call": "none",
+    "response_format": {"type": "text"},
+}
+
+
+def _is_off(name: str, value: Any) -> bool:
+    """Whether ``value`` leaves the unsupported parameter ``name`` off: null, false, 0,
+    empty, or its own default (``_OFF_TOO``)."""
+    return value is None or value in (False, "", [], {}) or value == _OFF_TOO.get(name, 0)
 
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat (OpenAI names and defaults)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=200, description="model_id, or the base's id")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
@@ -49,6 +88,29 @@ class _Sampling(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: Literal[1] = Field(1, description="Only one choice per prompt is generated.")
     user: str | None = None
+
+    # the OpenAI parameters in UNSUPPORTED: accepted only when off (see ``_is_off``)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if not _is_off(info.field_name or "", v):
+            raise ValueError(
+                "not supported by this server (leave it out, or send its default value)"
+            )
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -70,6 +132,12 @@ class _Sampling(BaseModel):
             seed=self.seed,
             stop=tuple(stops),
         )
+
+    def asked_max(self) -> tuple[str, int] | None:
+        """``(field, value)`` of the generation length the client set, None when it set none."""
+        if "max_tokens" in self.model_fields_set and self.max_tokens is not None:
+            return "max_tokens", self.max_tokens
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -121,6 +189,11 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    def asked_max(self) -> tuple[str, int] | None:
+        if self.max_completion_tokens is not None and self.max_tokens is None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().asked_max()
 
     def sampling(self, default_max: int) -> SamplingParams:
         p = super().sampling(default_max)
@@ -237,7 +310,13 @@ class EmbeddingRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=200)
     input: str | list[str] = Field(description="One text or a list of up to 256.")
-    encoding_format: Literal["float"] = "float"
+    # the openai client asks for base64 unless told otherwise, and decodes it itself
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="float: a list of numbers; base64: little-endian float32 bytes."
+    )
+    dimensions: int | None = Field(
+        None, ge=1, description="The model's width when given: embeddings are not shortened."
+    )
 
     @field_validator("input")
     @classmethod
@@ -252,7 +331,7 @@ class EmbeddingRequest(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str
 
 
 class EmbeddingResponse(BaseModel):
@@ -260,6 +339,24 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[Embedding]
     usage: dict[str, int]
+
+    @classmethod
+    def build(
+        cls, model: str, vecs: list[list[float]], tokens: int, req: EmbeddingRequest
+    ) -> EmbeddingResponse:
+        """The answer to ``req``: its ``encoding_format``, and a 422 on ``dimensions`` when
+        it asks for another width than the model's."""
+        width = len(vecs[0]) if vecs else 0
+        if req.dimensions is not None and req.dimensions != width:
+            raise InvalidRequest(
+                f"dimensions: this model's embeddings have {width} dimensions, "
+                f"not {req.dimensions} (they are not shortened)",
+                field="dimensions",
+            )
+        if req.encoding_format == "base64":
+            vecs = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vecs]
+        data = [Embedding(index=i, embedding=v) for i, v in enumerate(vecs)]
+        return cls(model=model, data=data, usage={"prompt_tokens": tokens, "total_tokens": tokens})
 
 
 # ---- admin ----------------------------------------------------------------------------

@@ -244,7 +244,8 @@ def inspect(
         Console(width=max(console.width, 150)).print(table)  # full tensor names
         m = merge_stats(stats.values())
         console.print(
-            f"pruned tensors: {len(stats)}, {m.numel:,} entries; mean|d| {m.mean_abs:.3e}, "
+            f"pruned tensors: {len(stats)}, {m.size:,} entries ({m.numel:,} changed); "
+            f"mean|d| {m.mean_abs:.3e}, "
             f"spread {m.spread:.2f}, rms {m.rms:.3e}, noise ratio at p={rate}: "
             f"{m.noise_ratio(rate):.2f}; extras (dense): {plan.extras or 'none'}"
         )

@@ -311,7 +311,7 @@ BODY_CASES: list[tuple[str, str, object, str]] = [
         "chat-max-completion-huge",
         "/v1/chat/completions",
         {"model": "good", "messages": _CHAT, "max_completion_tokens": 10**9},
-        "max_tokens",
+        "max_completion_tokens: 1000000000",
     ),
     ("classify-causal-model", "/v1/classify", {"model": "good", "input": "x"}, "classif|causal"),
     ("classify-input-empty-list", "/v1/classify", {"model": "good", "input": []}, "input"),

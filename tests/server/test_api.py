@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from tests.server.finetunes import (
     save_causal_finetune,
     save_classifier_finetune,
 )
-from tests.server.live import ADMIN_TOKEN, make_settings
+from tests.server.live import ADMIN_TOKEN, live_server, make_settings
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -241,9 +243,16 @@ def test_payload_errors_name_the_field(llama: TestClient) -> None:
     assert_error(llama.get("/admin/jobs/nope", headers=AUTH), 404)
 
 
-def test_metrics_count_requests_swaps_and_cache(llama: TestClient) -> None:
+def test_metrics_count_requests_swaps_and_cache(llama: TestClient, caplog) -> None:
     base_id = llama.app.state.darex.base_id
-    llama.post("/v1/completions", json={"model": base_id, "prompt": "x", "max_tokens": 2})
+    with caplog.at_level("INFO", logger="server.api.metrics"):
+        llama.post("/v1/completions", json={"model": base_id, "prompt": "x", "max_tokens": 2})
+        llama.get("/admin/models/nobody", headers=AUTH)
+        llama.get("/readyz")
+    # one line a request on /v1 and /admin (not the probes), naming its model
+    mine = [r for r in caplog.records if r.name == "server.api.metrics"]
+    lines = [(r.endpoint, r.status, r.model_id) for r in mine]
+    assert lines == [("/v1/completions", 200, base_id), ("/admin/models/{model_id}", 404, "nobody")]
     text = llama.get("/metrics").text
     assert (
         f'darex_requests_total{{endpoint="/v1/completions",model="{base_id}",status="200"}}' in text
@@ -338,3 +347,75 @@ def test_a_faulting_swap_kernel_restores_the_base_or_takes_the_server_out_of_rot
             assert err["code"] == "weights_corrupt"
             assert ready.status_code == 503
             assert ready.json()["checks"]["weights"].startswith("corrupt: a swap kernel failed")
+
+
+def test_a_client_gone_mid_upload_is_499_not_a_server_error(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """The client closes the connection half-way through its upload: counted as 499 (the
+    client's doing), not 500; nothing of it is kept."""
+    app = create_app(make_settings(tmp_path / "data", str(tiny_llama_dir)))
+    with live_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        part = (
+            b'--XYZ\r\nContent-Disposition: form-data; name="model_id"\r\n\r\ngone\r\n'
+            b'--XYZ\r\nContent-Disposition: form-data; name="files"; '
+            b'filename="model.safetensors"\r\n\r\n' + b"\0" * 200_000
+        )
+        head = (
+            f"POST /admin/models HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
+            "Content-Type: multipart/form-data; boundary=XYZ\r\n"
+            "Content-Length: 10000000\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head + part)
+            time.sleep(0.5)  # the server is reading the body
+        with httpx.Client(base_url=url) as c:
+            deadline = time.monotonic() + 30
+            while 'endpoint="/admin/models",model="-",status="499"' not in (
+                text := c.get("/metrics").text
+            ):
+                assert time.monotonic() < deadline, text
+                time.sleep(0.1)
+            assert 'status="500"' not in text
+            assert "gone" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+    uploads = tmp_path / "data" / "uploads"
+    assert not uploads.exists() or not list(uploads.iterdir()), list(uploads.iterdir())
+
+
+def test_the_ingest_workers_log_lines_name_the_model(
+    llama: TestClient, llama_ft: Path, tmp_path: Path
+) -> None:
+    """The storage layer logs without naming the model (a tensor the fine-tune lacks);
+    its lines from an upload's ingest, on a worker thread outside the request, still
+    carry the model_id."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from server.logging import ContextFilter
+
+    lacking = tmp_path / "lacking"
+    shutil.copytree(llama_ft, lacking)
+    (weights,) = lacking.glob("*.safetensors")
+    tensors = load_file(weights)
+    del tensors["model.norm.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.addFilter(ContextFilter())
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("storage.checkpoint")
+    logger.addHandler(handler)
+    try:
+        job = wait_job(llama, upload(llama, lacking, "ft-ctx", method="dare", rate=0.5)["job_id"])
+    finally:
+        logger.removeHandler(handler)
+    assert job["state"] == "done", job
+    in_worker = [r for r in records if r.threadName.startswith("darex-ingest")]
+    assert in_worker and "model.norm.weight" in in_worker[0].getMessage()
+    seen = [(r.threadName, r.model_id) for r in records]
+    assert {m for _, m in seen} == {"ft-ctx"}, seen

@@ -212,6 +212,33 @@ def test_embedding_inputs_are_1_to_256(bert: TestClient) -> None:
     assert r.status_code == 200 and len(r.json()["data"]) == 256
 
 
+def test_the_openai_client_gets_embeddings_as_base64_or_floats(bert: TestClient) -> None:
+    """The openai client asks for base64 unless told otherwise and decodes it itself: both
+    formats give the engine's vectors; a ``dimensions`` other than the model's is a 422."""
+    import openai
+
+    enc = bert.app.state.darex.base_id
+    client = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=bert, max_retries=0
+    )
+    texts = ["a wonderful film", "dull"]
+    default = client.embeddings.create(model=enc, input=texts)
+    floats = client.embeddings.create(model=enc, input=texts, encoding_format="float")
+    raw = bert.post(
+        "/v1/embeddings", json={"model": enc, "input": texts, "encoding_format": "base64"}
+    )
+    assert isinstance(raw.json()["data"][0]["embedding"], str)
+    st = bert.app.state.darex
+    want = asyncio.run(st.scheduler.embed(None, texts))
+    width = len(want[0])
+    for got in (default, floats):
+        assert [d.embedding for d in got.data] == want  # float32 both ways: exact
+    assert client.embeddings.create(model=enc, input="x", dimensions=width).data
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.embeddings.create(model=enc, input="x", dimensions=width - 1)
+    assert e.value.body["param"] == "dimensions" and str(width) in e.value.body["message"]
+
+
 # ---- 4. chat templates that refuse --------------------------------------------------------
 
 ALTERNATE = (
@@ -338,3 +365,101 @@ def test_a_failing_prompt_cancels_the_others_of_its_request(
     r = llama.post("/v1/completions", json=body)
     assert r.status_code == 404 and "being deleted" in r.text, r.text
     assert len(cancelled) == 2
+
+
+# ---- 6. refusals that say what was wrong ---------------------------------------------------
+
+
+def post_bytes(client: TestClient, url: str, data: bytes):
+    return client.post(url, content=data, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b'{"model": "m", "input":', ["not valid JSON", "Expecting value", "character 23"]),
+        (b'{"model": "m"} trailing', ["not valid JSON", "Extra data", "character 15"]),
+        (b'{"model": "m", "input": "\xff\xfe"}', ["not valid UTF-8", "0xff", "position 25"]),
+        (b'{"model": "m", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}", ["nests too deeply"]),
+    ],
+    ids=["cut-off", "trailing", "not-utf8", "deep"],
+)
+def test_a_body_that_is_not_json_is_a_422_saying_why(
+    bert: TestClient, data: bytes, words: list[str]
+) -> None:
+    """Not "There was an error parsing the body" (400), nor a character offset as the
+    field: a 422 whose message says what is wrong with the body, on no field."""
+    err = assert_error(post_bytes(bert, "/v1/classify", data), 422, *words)
+    assert err["code"] == "invalid_request" and err["param"] is None, err
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"input": ["a", None]}, "input.1", ["input.1: Input should be a valid string"]),
+        ({"input": 5}, "input", ["valid string", "valid list"]),
+        ({"input": ""}, "input", ["the text is empty"]),
+        ({"input": ["fine", ""]}, "input", ["text 1 is empty"]),
+    ],
+)
+def test_inputs_of_the_wrong_shape_name_the_item(
+    bert: TestClient, body: dict, param: str, words: list[str]
+) -> None:
+    enc = bert.app.state.darex.base_id
+    for route in ("/v1/embeddings", "/v1/classify"):
+        err = assert_error(bert.post(route, json={"model": enc, **body}), 422, *words)
+        assert err["param"] == param, err
+        assert "list[str]" not in err["message"] and "input.str" not in err["message"], err
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"temperature": "NaN"}, "temperature", ["finite number"]),
+        ({"top_p": "Infinity"}, "top_p", ["finite number"]),
+        ({"logprobs": 5}, "logprobs", ["not supported"]),
+        ({"presence_penalty": 0.5}, "presence_penalty", ["not supported"]),
+        ({"response_format": {"type": "json_object"}}, "response_format", ["not supported"]),
+        ({"max_completion_tokens": 10**5}, "max_completion_tokens", ["limit of 512"]),
+        ({"max_tokens": 100}, "max_tokens", ["prompt tokens and 100", "context of 256"]),
+    ],
+)
+def test_sampling_refusals_name_the_field_the_client_sent(
+    llama: TestClient, extra: dict, param: str, words: list[str]
+) -> None:
+    base = llama.app.state.darex.base_id
+    content = "hello " * (200 if "max_tokens" in extra else 1)
+    body = {"model": base, "messages": [{"role": "user", "content": content}], **extra}
+    data = json.dumps(body).encode()  # NaN and Infinity as JSON's non-standard literals
+    data = data.replace(b'"NaN"', b"NaN").replace(b'"Infinity"', b"Infinity")
+    err = assert_error(post_bytes(llama, "/v1/chat/completions", data), 422, *words)
+    assert err["param"] == param, err
+
+
+def test_the_off_values_of_unsupported_parameters_are_accepted(llama: TestClient) -> None:
+    """What clients send by default (logprobs false, penalties 0, best_of 1, text format)."""
+    base = llama.app.state.darex.base_id
+    off = {
+        "logprobs": False,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "response_format": {"type": "text"},
+        "tools": [],
+        "tool_choice": "none",
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    r = llama.post(
+        "/v1/chat/completions", json={"model": base, "messages": msgs, "max_tokens": 2, **off}
+    )
+    assert r.status_code == 200, r.text
+    body = {"model": base, "prompt": "hi", "max_tokens": 2, "best_of": 1, "logprobs": None}
+    assert llama.post("/v1/completions", json=body).status_code == 200
+
+
+def test_router_and_job_errors_carry_a_code_and_param(llama: TestClient) -> None:
+    err = assert_error(llama.get("/v1/nowhere"), 404)
+    assert (err["code"], err["type"]) == ("not_found", "not_found_error"), err
+    err = assert_error(llama.get("/v1/classify"), 405)
+    assert err["code"] == "method_not_allowed", err
+    err = assert_error(llama.get("/admin/jobs/nope", headers=AUTH), 404, "nope")
+    assert (err["code"], err["param"]) == ("job_not_found", "job_id"), err

@@ -147,7 +147,7 @@ def test_stream_refuses_at_once_and_a_dropped_stream_frees_its_slot(sched) -> No
     assert asyncio.run(main()) < full_s / 3
 
 
-def test_unknown_model_fails_only_its_request(sched) -> None:
+def test_unknown_model_fails_only_its_request(sched, caplog) -> None:
     async def main():
         return await asyncio.gather(
             sched.complete("nope", "hi", SamplingParams(max_tokens=2)),
@@ -155,9 +155,13 @@ def test_unknown_model_fails_only_its_request(sched) -> None:
             return_exceptions=True,
         )
 
-    bad, good = asyncio.run(main())
+    with caplog.at_level("WARNING", logger="server.scheduler"):
+        bad, good = asyncio.run(main())
     assert isinstance(bad, UnknownModel)
     assert good.finish_reason in ("length", "stop")
+    # the request's doing, not a fault: one warning naming the model, no traceback
+    (rec,) = [r for r in caplog.records if r.name == "server.scheduler"]
+    assert rec.levelname == "WARNING" and "'nope'" in rec.getMessage() and not rec.exc_info
 
 
 def test_retire_finishes_in_flight_and_refuses_new_requests(sched, llama_engine) -> None:

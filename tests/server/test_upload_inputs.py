@@ -354,6 +354,33 @@ def test_messages_name_the_file_not_the_upload_path(llama: TestClient, llama_ft:
 # ---------------------------------------------------------------- model_id and task
 
 
+@pytest.mark.parametrize(
+    ("data", "code", "words"),
+    [
+        ({"model_id": "../evil"}, "invalid_model_id", ["'../evil'"]),
+        ({"model_id": "has space"}, "invalid_model_id", ["'has space'"]),
+        ({"model_id": "fresh", "replace": "maybe"}, "invalid_request", ["replace", "'maybe'"]),
+    ],
+)
+def test_model_id_and_replace_refusals_name_their_field(
+    llama: TestClient, llama_ft: Path, data: dict, code: str, words: list[str]
+) -> None:
+    r, jobs = post(llama, data, multipart_files(llama_ft))
+    param = "replace" if "replace" in data else "model_id"
+    refused(llama, r, 422, code, param, *words, jobs_before=jobs, model_id=data["model_id"])
+
+
+def test_a_taken_model_id_is_409_on_model_id_saying_how_to_replace_it(
+    llama: TestClient, llama_ft: Path
+) -> None:
+    r, _ = post(llama, {"model_id": "taken", "rate": "0.9"}, multipart_files(llama_ft))
+    assert wait_job(llama, r.json()["job_id"])["state"] == "done"
+    key = llama.app.state.darex.store.registry.get_model("taken")
+    r, jobs = post(llama, {"model_id": "taken", "replace": "no"}, multipart_files(llama_ft))
+    refused(llama, r, 409, "model_exists", "model_id", "'taken'", "replace=true", jobs_before=jobs)
+    assert llama.app.state.darex.store.registry.get_model("taken") == key
+
+
 @pytest.mark.parametrize("replace", [False, True])
 def test_model_id_of_the_base_is_refused(llama: TestClient, llama_ft: Path, replace: bool) -> None:
     assert llama.app.state.darex.base_id == LLAMA_ID
@@ -449,6 +476,9 @@ def test_a_second_upload_of_a_model_id_in_flight_is_409(
             assert (err["code"], err["param"]) == ("ingest_in_progress", "model_id"), err
             assert "'twice'" in err["message"] and f"GET /admin/jobs/{first}" in err["message"]
             assert _jobs(llama) == jobs and list(_uploads(llama).iterdir()) == in_flight
+        # a DELETE of the id while its first upload is stored: 409 too, not "not registered"
+        d = llama.delete("/admin/models/twice", headers=AUTH)
+        assert d.status_code == 409 and d.json()["error"]["code"] == "ingest_in_progress", d.text
     finally:
         go.set()
     assert wait_job(llama, first)["state"] == "done"

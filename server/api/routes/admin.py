@@ -62,6 +62,18 @@ def _float_field(up: Upload, name: str, lo: float, hi: float) -> float | None:
     return v
 
 
+def _bool_field(up: Upload, name: str) -> bool:
+    """A yes/no form field: true/false, 1/0, yes/no (any case); absent or empty is false."""
+    raw = up.fields.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise InvalidRequest(
+        f"{name}: {up.fields[name]!r} is not a yes/no value (true or false)", field=name
+    )
+
+
 def _val_field(up: Upload, method: str | None, q: float | None) -> list[dict] | None:
     """The labeled examples of the ``val`` field, checked against the uploaded config's
     labels when it names them; None when the field is absent."""
@@ -209,6 +221,9 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
     from storage.ingest import ingest
 
     reg = state.store.registry
+    # a worker thread: the request's context is not here, so the storage layer's log
+    # lines (a tensor the fine-tune lacks, say) name the model through this
+    token = model_id_var.set(model_id)
     try:
         reg.update_job(job_id, state="running", message="ingesting")
         result = ingest(
@@ -235,6 +250,7 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
             state.heartbeat.discard(job_id)
         up.cleanup()
         _release(state, model_id, job_id)
+        model_id_var.reset(token)
 
 
 @router.post("/models", status_code=202, response_model=JobAccepted)
@@ -291,7 +307,7 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
                 f"q: only method darex_q takes a q (method is {method or 'the recommended one'})",
                 field="q",
             )
-        replace = up.fields.get("replace", "").lower() in ("1", "true", "yes")
+        replace = _bool_field(up, "replace")
         task = up.fields.get("task") or None
         if task is not None and task not in TASKS:
             raise InvalidRequest(f"task: {task!r} is not one of {TASKS}", field="task")
@@ -301,7 +317,9 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         if not replace:
             try:
                 await asyncio.to_thread(store.registry.get_model, model_id)
-                raise ModelExists(f"model {model_id!r} is already registered")
+                raise ModelExists(
+                    f"model {model_id!r} is already registered; send replace=true to replace it"
+                )
             except UnknownModel:
                 pass
         await asyncio.to_thread(_precheck, state, folder, task)
@@ -383,11 +401,11 @@ async def delete_model(model_id: str, state: StateDep, store: StoreDep) -> Delet
     model_id_var.set(model_id)
     # 404 when unknown; the registry entry alone, so an entry whose manifest blob is
     # missing or corrupt can still be removed (and no longer blocks gc)
-    key = await asyncio.to_thread(store.registry.get_model, model_id)
     with state.ingesting_lock:
         job_id = state.ingesting.get(model_id)
-    if job_id is not None:  # its replacement is being stored: which would win is a race
+    if job_id is not None:  # it, or its replacement, is being stored: a race either way
         raise IngestInProgress(model_id, job_id or None)
+    key = await asyncio.to_thread(store.registry.get_model, model_id)
 
     def unregister() -> None:
         """Delete the version this request saw, not one uploaded while it waited."""

@@ -39,8 +39,16 @@ async def resolve_model(
     return target, labels
 
 
-def check_prompt(state: AppState, ids: list[int], params: SamplingParams, field: str) -> None:
-    """Refuse empty prompts, prompts that fill the context, and max_tokens over the cap."""
+def check_prompt(
+    state: AppState,
+    ids: list[int],
+    params: SamplingParams,
+    field: str,
+    asked: tuple[str, int] | None = None,
+) -> None:
+    """Refuse empty prompts, prompts that fill the context, a length over the cap, and a
+    length the client asked for (``asked``: its field and value) that the context cannot
+    hold after the prompt; without one, generation stops at the context's end."""
     if not ids:
         raise InvalidRequest(f"{field}: the prompt has no tokens", field=field)
     limit = getattr(state.engine.model.config, "max_position_embeddings", None)
@@ -48,11 +56,17 @@ def check_prompt(state: AppState, ids: list[int], params: SamplingParams, field:
         raise InvalidRequest(
             f"{field}: {len(ids)} tokens, the model's context holds {limit}", field=field
         )
+    name = asked[0] if asked else "max_tokens"
     cap = state.settings.max_new_tokens
     if params.max_tokens > cap:
         raise InvalidRequest(
-            f"max_tokens: {params.max_tokens} is more than this server's limit of {cap}",
-            field="max_tokens",
+            f"{name}: {params.max_tokens} is more than this server's limit of {cap}", field=name
+        )
+    if asked and limit is not None and len(ids) + asked[1] > limit:
+        raise InvalidRequest(
+            f"{name}: {len(ids)} prompt tokens and {asked[1]} to generate are more than the "
+            f"model's context of {limit}",
+            field=name,
         )
 
 

@@ -28,7 +28,6 @@ from server.api.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    Embedding,
     EmbeddingRequest,
     EmbeddingResponse,
     ModelCard,
@@ -97,7 +96,7 @@ async def completions(
     tok = state.engine.tokenizer
     prompts = await asyncio.to_thread(lambda: [encode_prompt(tok, p) for p in body.prompts])
     for ids in prompts:
-        check_prompt(state, ids, params, "prompt")
+        check_prompt(state, ids, params, "prompt", body.asked_max())
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -148,7 +147,7 @@ async def chat_completions(
     target, _ = await resolve_model(state, request, body.model, GENERATE, "/v1/chat/completions")
     params = body.sampling(state.settings.max_new_tokens)
     ids = await asyncio.to_thread(render_chat, state.engine.tokenizer, body.messages)
-    check_prompt(state, ids, params, "messages")
+    check_prompt(state, ids, params, "messages", body.asked_max())
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -206,7 +205,4 @@ async def embeddings(
     n = await asyncio.to_thread(
         lambda: sum(len(tok(t, add_special_tokens=True)["input_ids"]) for t in body.texts)
     )
-    data = [Embedding(index=i, embedding=v) for i, v in enumerate(vecs)]
-    return EmbeddingResponse(
-        model=body.model, data=data, usage={"prompt_tokens": n, "total_tokens": n}
-    )
+    return EmbeddingResponse.build(body.model, vecs, n, body)
