@@ -55,6 +55,13 @@ def test_inspect_prints_stats_and_recommendation(tiny_bert_dir, bert_ft) -> None
     assert "pooler.dense.bias" in out  # a per-tensor row
     assert "pruned tensors: 39" in out  # encoder default: every float tensor
     assert "recommended:" in out
+    # every entry of those tensors, and how many of them the fine-tune changed
+    base = load_file(tiny_bert_dir / "model.safetensors")
+    ft = load_file(bert_ft / "model.safetensors")
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    size = sum(base[k].numel() for k in floats)
+    changed = sum(int((ft[k] != base[k]).sum()) for k in floats)
+    assert f"pruned tensors: 39, {size:,} entries ({changed:,} changed)" in " ".join(out.split())
 
 
 def _changed_only_where_kept(base_dir: Path, out_dir: Path, p: float, seed: int) -> int:
