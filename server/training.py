@@ -141,8 +141,12 @@ class FinetuneResult:
 # -- models ---------------------------------------------------------------------------------
 
 
+_HEAD_PREFIXES = ("classifier.", "score.")  # a sequence-classification head's parameters
+
+
 def _load_model(base: BaseInfo, task: Task, opts: FinetuneOptions) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     from storage.predict import load_tokenizer
 
@@ -153,13 +157,30 @@ def _load_model(base: BaseInfo, task: Task, opts: FinetuneOptions) -> tuple[Any,
             raise FinetuneError(f"task {task.name} generates text; base {base.name} is an encoder")
         model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base.path,
-            dtype=torch.float32,
-            num_labels=len(task.labels),
-            id2label=dict(enumerate(task.labels)),
-            label2id={lab: i for i, lab in enumerate(task.labels)},
-        )
+        # transformers reports the new head as MISSING weights, which is the point of a
+        # classification fine-tune: its report is silenced, and anything else it would
+        # have said (other missing, unexpected or mismatched tensors) is logged here
+        prev = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                base.path,
+                dtype=torch.float32,
+                num_labels=len(task.labels),
+                id2label=dict(enumerate(task.labels)),
+                label2id={lab: i for i, lab in enumerate(task.labels)},
+                output_loading_info=True,
+            )
+        finally:
+            hf_logging.set_verbosity(prev)
+        head = {n for n, _ in model.named_parameters() if n.startswith(_HEAD_PREFIXES)}
+        odd = {
+            "missing": sorted(set(info["missing_keys"]) - head),
+            "unexpected": sorted(info["unexpected_keys"]),
+            "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
+        }
+        if any(odd.values()):
+            log.warning("loading %s for %s: %s", base.name, task.name, odd)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id(tokenizer, model)
     train_emb = opts.train_embeddings

@@ -315,6 +315,9 @@ def plan_against_base(ft: Checkpoint, base: Checkpoint) -> Plan:
             f"the fine-tune lacks {len(plan.missing)} of the base's {len(base.meta)} tensors "
             f"(e.g. {plan.missing[:3]}): wrong base?"
         )
-    if plan.missing:
-        log.warning("fine-tune lacks base tensors %s; their delta is zero", plan.missing[:5])
+    # a weight the fine-tune lacks is worth a warning; an integer buffer such as BERT's
+    # ``embeddings.position_ids``, which newer transformers no longer save, is not (it
+    # has no delta either way)
+    if weights := [n for n in plan.missing if base.meta[n].dtype.is_floating_point]:
+        log.warning("fine-tune lacks base tensors %s; their delta is zero", weights[:5])
     return plan

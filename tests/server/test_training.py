@@ -48,6 +48,37 @@ def test_classification_finetune_lowers_the_loss(tiny_bert: BaseInfo, tmp_path: 
     assert evaluate(out, "rt-sentiment", "validation", limit=16) == result.metric
 
 
+def test_the_new_head_is_not_reported_missing_but_other_missing_weights_are(
+    tiny_bert: BaseInfo, tmp_path: Path, capfd, caplog
+) -> None:
+    """transformers' load report calls the new classification head MISSING, which is
+    what a classification fine-tune is for: silenced. A base lacking another weight is
+    still said, by a warning naming it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from server.training import FinetuneOptions, _load_model
+
+    opts = FinetuneOptions(**FAST)
+    task = load_task("rt-sentiment")
+    with caplog.at_level("WARNING", logger="server.training"):
+        _load_model(tiny_bert, task, opts)
+    err = capfd.readouterr().err
+    assert "MISSING" not in err and "LOAD REPORT" not in err, err
+    assert not [r for r in caplog.records if r.name == "server.training"]
+    lacking = tmp_path / "lacking"
+    shutil.copytree(tiny_bert.path, lacking)
+    sd = load_file(lacking / "model.safetensors")
+    del sd["pooler.dense.weight"]
+    save_file(sd, lacking / "model.safetensors", metadata={"format": "pt"})
+    other = resolve_base(str(lacking), tmp_path / "data")
+    with caplog.at_level("WARNING", logger="server.training"):
+        _load_model(other, task, opts)
+    (rec,) = [r for r in caplog.records if r.name == "server.training"]
+    assert "pooler.dense.weight" in rec.getMessage() and "classifier" not in rec.getMessage()
+
+
 def test_generation_finetune_lowers_the_loss_and_keeps_embeddings(
     tiny_llama: BaseInfo, tmp_path: Path
 ) -> None:

@@ -565,3 +565,26 @@ def test_a_heavy_tailed_delta_with_calibration_texts_is_stored_as_wanda(
     assert m.method == "wanda" and "spread" in m.reason, m.reason
     assert {e.encoding for e in m.deltas.values() if e.pruned} == {"explicit"}
     assert store.verify().ok
+
+
+def test_a_lacking_weight_is_warned_about_and_a_lacking_integer_buffer_is_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BERT checkpoints carry ``embeddings.position_ids`` (int64), which newer transformers
+    no longer save: a fine-tune without it loses nothing and gets no warning."""
+    from storage.checkpoint import open_checkpoint, plan_against_base
+
+    pos = "embeddings.position_ids"
+    base = {"a.weight": torch.ones(4, 4), "b.weight": torch.ones(4), pos: torch.arange(8)}
+    save_file(base, tmp_path / "base.safetensors")
+    for lacking, warned in ((pos, False), ("b.weight", True)):
+        ft = {k: v for k, v in base.items() if k != lacking}
+        save_file(ft, tmp_path / "ft.safetensors")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="storage.checkpoint"):
+            plan = plan_against_base(
+                open_checkpoint(tmp_path / "ft.safetensors"),
+                open_checkpoint(tmp_path / "base.safetensors"),
+            )
+        assert plan.missing == [lacking]
+        assert ("lacks base tensors ['b.weight']" in caplog.text) is warned, caplog.text
