@@ -399,12 +399,12 @@ async def get_model(model_id: str, store: StoreDep) -> ModelPublic:
 async def delete_model(model_id: str, state: StateDep, store: StoreDep) -> Deleted:
     """Refuse new requests, let in-flight ones finish, unregister, drop cached copies."""
     model_id_var.set(model_id)
-    # 404 when unknown; the registry entry alone, so an entry whose manifest blob is
-    # missing or corrupt can still be removed (and no longer blocks gc)
     with state.ingesting_lock:
         job_id = state.ingesting.get(model_id)
     if job_id is not None:  # it, or its replacement, is being stored: a race either way
         raise IngestInProgress(model_id, job_id or None)
+    # 404 when unknown; the registry entry alone, so an entry whose manifest blob is
+    # missing or corrupt can still be removed (and no longer blocks gc)
     key = await asyncio.to_thread(store.registry.get_model, model_id)
 
     def unregister() -> None:
