@@ -71,7 +71,8 @@ class DeltaStore:
         # The base a server serves from this store (``BaseInfo.sha256``): ``models()`` lists
         # only its fine-tunes. None (the CLI, tests): every registered model.
         self.serving_base: str | None = None
-        self._base_of: dict[str, str] = {}  # manifest key -> base sha256; manifests are immutable
+        # manifest key -> (base sha256, created, unix seconds); manifests are immutable
+        self._facts: dict[str, tuple[str, float]] = {}
 
     def close(self) -> None:
         self.registry.close()
@@ -119,12 +120,20 @@ class DeltaStore:
         log.info("registered %s -> %s", model_id, key, extra={"model_id": model_id})
         return key
 
+    def _facts_of(self, manifest_key: str) -> tuple[str, float]:
+        facts = self._facts.get(manifest_key)
+        if facts is None:
+            m = self.manifest_at(manifest_key)
+            facts = self._facts[manifest_key] = (m.base.sha256, m.created.timestamp())
+        return facts
+
     def base_of(self, manifest_key: str) -> str:
         """The base sha256 a manifest was ingested against (cached: manifests are immutable)."""
-        sha = self._base_of.get(manifest_key)
-        if sha is None:
-            sha = self._base_of[manifest_key] = self.manifest_at(manifest_key).base.sha256
-        return sha
+        return self._facts_of(manifest_key)[0]
+
+    def created_of(self, manifest_key: str) -> float:
+        """When a manifest was made, in unix seconds (cached with ``base_of``)."""
+        return self._facts_of(manifest_key)[1]
 
     def models(self, base_sha256: str | None = None) -> dict[str, str]:
         """``model_id -> manifest key`` of the registered models.

@@ -79,7 +79,8 @@ def test_upload_serve_inspect_delete(llama: TestClient, llama_ft: Path, tiny_lla
     info = llama.get("/admin/models/ft-up", headers=AUTH).json()
     assert info["method"] == "dare" and info["p"] == 0.5 and info["task"] == "causal-lm"
     assert 0 < info["ratio_vs_fp16"] < 1 and info["stored_bytes"] > 0
-    assert "ft-up" in [m["id"] for m in llama.get("/v1/models").json()["data"]]
+    cards = {m["id"]: m for m in llama.get("/v1/models").json()["data"]}
+    assert cards["ft-up"]["created"] == int(info["created"]) > 0  # when it was stored
 
     body = {"model": "ft-up", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
     got = llama.post("/v1/completions", json=body).json()

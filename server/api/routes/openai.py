@@ -36,6 +36,8 @@ from server.api.schemas import (
 )
 from server.errors import InvalidRequest
 from server.generation import Chunk, encode_prompt
+from storage.errors import StorageError
+from storage.store import DeltaStore
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 GENERATE = ("causal-lm",)
@@ -82,9 +84,21 @@ async def _all_or_none(coros: list) -> list:
 async def list_models(state: StateDep) -> ModelList:
     cards = [ModelCard(id=state.base_id, created=int(state.started), owned_by="base")]
     if state.store is not None:
-        ids = await asyncio.to_thread(state.store.models)
-        cards += [ModelCard(id=m) for m in sorted(ids)]
+        cards += await asyncio.to_thread(_fine_tune_cards, state.store)
     return ModelList(data=cards)
+
+
+def _fine_tune_cards(store: DeltaStore) -> list[ModelCard]:
+    """The fine-tunes of the served base, ``created`` when each was stored (0 when its
+    manifest cannot be read: using the model names the problem)."""
+    cards = []
+    for model_id, key in sorted(store.models().items()):
+        try:
+            created = int(store.created_of(key))
+        except (StorageError, KeyError):
+            created = 0
+        cards.append(ModelCard(id=model_id, created=created))
+    return cards
 
 
 @router.post("/completions", response_model=CompletionResponse)
