@@ -2,7 +2,9 @@
 
 Error conventions: a usage error (a bad option value, a bad ``DAREX_*`` value, options
 that conflict) exits 2 and a runtime failure (an unknown model, a corrupt store) exits 1,
-each with one ``error: ...`` line on stderr, no traceback.
+with no traceback: one ``error: ...`` line on stderr, or typer's usage box naming the
+option where a command checks its options as typer ``BadParameter`` (prune, finetune,
+reproduce).
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def print_wide(renderable: object, min_width: int = 120) -> None:
+    """Print a rich table at least ``min_width`` columns wide. Piped or in a CI log, rich
+    assumes 80 columns and cuts cells to "…" (``Console.print(width=...)`` cannot
+    widen past the console's own width, so this makes a wider console)."""
+    from rich.console import Console
+
+    Console(width=max(Console().width, min_width)).print(renderable)
 
 
 def error_exit(message: str, code: int = 1) -> typer.Exit:

@@ -12,7 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli import app, check_port_free, cli_settings, error_exit, rate_problem
+from server.cli import (
+    app,
+    check_port_free,
+    cli_settings,
+    error_exit,
+    print_wide,
+    rate_problem,
+)
 from server.settings import Settings
 
 console = Console()
@@ -108,7 +115,7 @@ def reproduce(
         raise typer.BadParameter(str(e), param_hint="--base") from None
     if quick:
         res = rp.quick(work / "quick", info, load_task("rt-sentiment"), device=device)
-        console.print(_rows_table(res.rows, f"darex reproduce --quick ({res.seconds:.0f} s)"))
+        print_wide(_rows_table(res.rows, f"darex reproduce --quick ({res.seconds:.0f} s)"))
         console.print(
             f"p=0.99: DAREx-q - DARE = {100 * res.gain:+.1f} points (need >= +10), "
             f"unpruned - DAREx-q = {100 * res.gap:.1f} points (need <= 5)"
@@ -160,7 +167,7 @@ def reproduce(
                 failed.append(f"{p.task}/{p.spec}")
                 console.print(f"[red]{info.name} / {p.task} / {p.spec} failed:[/red] {res}")
             else:
-                console.print(_rows_table(res, f"{info.name} / {p.task} / {p.spec}"))
+                print_wide(_rows_table(res, f"{info.name} / {p.task} / {p.spec}"))
 
         rp.run_parts(full, info, parts, rate_list, method_list, jobs=jobs, on_done=show)
     if out:
@@ -266,7 +273,7 @@ def demo(
             f"{r.fp16_bytes:,}",
             f"1/{r.fp16_bytes / max(r.stored_bytes, 1):.0f}",
         )
-    console.print(tab, width=max(console.width, 120))
+    print_wide(tab)
     h, pt = host or s.host, port or s.port
     token = s.api_key.get_secret_value() if s.api_key else None
     url = f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{pt}"

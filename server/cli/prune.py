@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from server.cli import app, rate_problem
+from server.cli import app, print_wide, rate_problem
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def inspect(
                     f"{s.rms:.2e}",
                     rel,
                 )
-        Console(width=max(console.width, 150)).print(table)  # full tensor names
+        print_wide(table, 150)  # full tensor names
         m = merge_stats(stats.values())
         console.print(
             f"pruned tensors: {len(stats)}, {m.size:,} entries ({m.numel:,} changed); "

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli import app, check_data_dir, cli_settings, error_exit, rate_problem
+from server.cli import app, check_data_dir, cli_settings, error_exit, print_wide, rate_problem
 
 if TYPE_CHECKING:
     from storage.store import DeltaStore
@@ -231,7 +231,7 @@ def ls() -> None:
             f"1/{1 / m.ratio:.1f}",
             m.created.strftime("%Y-%m-%d %H:%M"),
         )
-    console.print(table)
+    print_wide(table)
 
 
 @app.command()
