@@ -44,17 +44,19 @@ from pydantic import BaseModel, ValidationError
 
 from server.api.app import MAX_JSON_BYTES, BodyLimitMiddleware
 from server.api.auth import check_token
-from server.api.errors import describe, log_error
-from server.api.routes.openai import render_chat
+from server.api.errors import describe, describe_validation, log_error, unparsable_body
+from server.api.routes.common import check_dimensions, check_prompt
+from server.api.routes.openai import model_list, render_chat
 from server.api.schemas import (
-    ChatMessage,
+    ChatRequest,
     ClassifyRequest,
     ClassifyResponse,
+    CompletionRequest,
     EmbeddingRequest,
     EmbeddingResponse,
 )
-from server.errors import InvalidRequest, NotReady, Unauthorized
-from server.generation import SamplingParams
+from server.errors import InvalidRequest, NotReady, Unauthorized, WrongTask
+from server.generation import encode_prompt
 from server.replicas import replica_watcher
 from server.settings import Settings
 
@@ -63,24 +65,13 @@ log = logging.getLogger(__name__)
 KINDS = ("completions", "chat", "classify", "embeddings")
 
 
-def _params(body: dict[str, Any], max_new_tokens: int) -> SamplingParams:
-    stop = body.get("stop") or ()
-    return SamplingParams(
-        max_tokens=min(int(body.get("max_tokens") or 16), max_new_tokens),
-        temperature=float(body.get("temperature", 0.0) or 0.0),
-        top_p=float(body.get("top_p", 1.0) or 1.0),
-        seed=body.get("seed"),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-    )
-
-
 def _validate(schema: type[BaseModel], body: dict[str, Any]) -> Any:
+    """``body`` as ``schema``, or the 422 ``darex serve`` gives for it."""
     try:
         return schema.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(x) for x in first["loc"]) or None
-        raise InvalidRequest(f"{field}: {first['msg']}", field=field) from None
+        message, field = describe_validation(e.errors())
+        raise InvalidRequest(message, field=field) from None
 
 
 class Runtime:
@@ -94,6 +85,7 @@ class Runtime:
         from storage.store import DeltaStore
 
         self.settings = settings
+        self.started = time.time()
         base = resolve_base(settings.base, settings.data_dir)
         self.base_name = base.name
         self.registry = open_registry(settings.registry)
@@ -127,26 +119,32 @@ class Runtime:
         created = int(time.time())
         if kind in ("classify", "embeddings"):
             req = _validate(ClassifyRequest if kind == "classify" else EmbeddingRequest, body)
+            # the task check and the label names of ``resolve_model``, in one hop
+            task, labels = await asyncio.to_thread(self.engine.describe, target)
+            want = "sequence-classification" if kind == "classify" else "feature-extraction"
+            if task != want:
+                raise WrongTask(f"model {model!r} is a {task} model; /v1/{kind} serves {want}")
             if kind == "embeddings":
+                check_dimensions(self.engine, req.dimensions)
                 vecs = await self.scheduler.embed(target, req.texts)
                 n = sum(len(self.engine.tokenizer(t)["input_ids"]) for t in req.texts)
                 return EmbeddingResponse.build(model, vecs, n, req).model_dump()
-            labels = await asyncio.to_thread(self.engine.labels_of, target)  # as the app
             probs = await self.scheduler.classify(target, req.texts)
             return ClassifyResponse.from_probs(model, probs, labels).model_dump()
-        params = _params(body, self.settings.max_new_tokens)
-        prompt: str | list[int]
+        # the schemas, limits and refusals of ``darex serve``'s routes (one prompt here)
+        req = _validate(ChatRequest if kind == "chat" else CompletionRequest, body)
+        tok = self.engine.tokenizer
         if kind == "chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise InvalidRequest("'messages' must be a non-empty list", "messages")
-            msgs = [_validate(ChatMessage, m if isinstance(m, dict) else {}) for m in messages]
-            prompt = render_chat(self.engine.tokenizer, msgs)  # the same tokens as the app's
+            field, params = "messages", req.sampling(self.settings.max_new_tokens)
+            ids = render_chat(tok, req.messages)  # the same tokens as the app's
         else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise InvalidRequest("'prompt' must be a string", "prompt")
-        chunk = await self.scheduler.complete(target, prompt, params)
+            if not isinstance(req.prompt, str):
+                raise InvalidRequest("prompt: the Ray app serves one prompt a request", "prompt")
+            field, params = "prompt", req.sampling(16)
+            ids = encode_prompt(tok, req.prompt)
+        cap = self.settings.max_new_tokens
+        check_prompt(self.engine, cap, ids, params, field, req.asked_max())
+        chunk = await self.scheduler.complete(target, ids, params)
         usage = {
             "prompt_tokens": chunk.prompt_tokens,
             "completion_tokens": chunk.completion_tokens,
@@ -216,15 +214,25 @@ class DarexReplica:
             return False, str(e)
         return True, "ready"
 
-    async def models(self) -> list[str]:
-        """The resident base, then every registered fine-tune of that base."""
-        return [self.rt.base_name, *sorted(await asyncio.to_thread(self.rt.store.models))]
+    async def models(self) -> dict[str, Any]:
+        """The resident base, then every registered fine-tune of that base, as
+        ``darex serve``'s ``/v1/models`` lists them."""
+        rt = self.rt
+        out = await asyncio.to_thread(model_list, rt.base_name, rt.started, rt.store)
+        return out.model_dump()
 
     def check_health(self) -> None:
         """Ray restarts a replica whose scheduler thread died, or whose weights are not
         trusted after a failed swap kernel (``Engine.broken``)."""
         assert self.rt.scheduler._thread.is_alive(), "scheduler worker is dead"
         assert self.rt.engine.broken is None, self.rt.engine.broken
+
+
+def _refusal(exc: InvalidRequest) -> JSONResponse:
+    """The ingress's own 422, in the shape of every other error."""
+    status, err = describe(exc)
+    log_error(status, err, None)
+    return JSONResponse(err, status_code=status)
 
 
 api = FastAPI(title="darex-serve (Ray)")
@@ -263,16 +271,14 @@ class DarexIngress:
             return refused
         try:
             body = await request.json()
-        except ValueError:
-            body = None
+        except (ValueError, RecursionError) as e:  # as ``darex serve``: a 422 saying why
+            why = unparsable_body(e) or f"the body cannot be parsed: {type(e).__name__}"
+            return _refusal(InvalidRequest(why))
         if not isinstance(body, dict):
-            _, err = describe(InvalidRequest("the body must be a JSON object"))
-            return JSONResponse(err, status_code=400)
+            return _refusal(InvalidRequest("the body must be a JSON object"))
         if body.get("stream"):
-            _, err = describe(
-                InvalidRequest("streaming is served by `darex serve`, not the Ray app", "stream")
-            )
-            return JSONResponse(err, status_code=400)
+            why = "stream: streaming is served by `darex serve`, not the Ray app"
+            return _refusal(InvalidRequest(why, "stream"))
         model = str(body.get("model") or "")
         handle = self.replica.options(multiplexed_model_id=model) if model else self.replica
         status, out, replica = await handle.infer.remote(kind, body)
@@ -298,8 +304,7 @@ class DarexIngress:
     async def models(self, request: Request) -> Any:
         if (refused := self._refused(request)) is not None:
             return refused
-        ids = await self.replica.models.remote()
-        return {"object": "list", "data": [{"id": m, "object": "model"} for m in ids]}
+        return await self.replica.models.remote()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

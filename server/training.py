@@ -170,14 +170,18 @@ def _load_model(base: BaseInfo, task: Task, opts: FinetuneOptions) -> tuple[Any,
                 id2label=dict(enumerate(task.labels)),
                 label2id={lab: i for i, lab in enumerate(task.labels)},
                 output_loading_info=True,
+                # a base that has a head of another size gets a new one: without this,
+                # transformers raises, pointing at the report silenced here
+                ignore_mismatched_sizes=True,
             )
         finally:
             hf_logging.set_verbosity(prev)
         head = {n for n, _ in model.named_parameters() if n.startswith(_HEAD_PREFIXES)}
+        mismatched = {k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]}
         odd = {
             "missing": sorted(set(info["missing_keys"]) - head),
             "unexpected": sorted(info["unexpected_keys"]),
-            "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
+            "mismatched": sorted(set(map(str, mismatched)) - head),
         }
         if any(odd.values()):
             log.warning("loading %s for %s: %s", base.name, task.name, odd)

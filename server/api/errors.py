@@ -8,8 +8,10 @@ trace never leaves the server, it goes to the log with the request id.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -88,6 +90,12 @@ _DEFAULT_PARAM = {
 }
 
 
+# what to say when the exception has no message (starlette's ClientDisconnect has none)
+_DEFAULT_MESSAGE = {
+    "client_disconnected": "the client closed the connection before its request was read",
+}
+
+
 def error_body(
     status: int, type_: str, message: str, code: str | None = None, param: str | None = None
 ) -> dict:
@@ -107,7 +115,8 @@ def describe(exc: BaseException) -> tuple[int, dict]:
     for cls, status, type_, code in ERROR_MAP:
         if isinstance(exc, cls):
             param = getattr(exc, "field", None) or _DEFAULT_PARAM.get(code)
-            return status, error_body(status, type_, str(exc), code, param)
+            message = str(exc) or _DEFAULT_MESSAGE.get(code, code)
+            return status, error_body(status, type_, message, code, param)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         msg = "no space left on the data volume; free space or grow DAREX_DATA_DIR's disk"
         return 507, error_body(507, "server_error", msg, "insufficient_storage")
@@ -168,19 +177,35 @@ def _branch_errors(errs: list[dict]) -> list[dict]:
     return keep or errs
 
 
-async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errs = _branch_errors(list(exc.errors()))
-    body_in = getattr(exc, "body", None)
-    if isinstance(body_in, dict) and isinstance(body_in.get("model"), str):
-        model_id_var.set(body_in["model"][:200])
+def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
+    """``(message, param)`` of pydantic's errors for a request body: every error as
+    ``field: what``, ``param`` the first field (None when the body is not JSON)."""
+    errs = _branch_errors(list(errors))
     bad_json = next((e for e in errs if e["type"] == "json_invalid"), None)
     if bad_json is not None:  # the location is a character offset, not a field
         why = (bad_json.get("ctx") or {}).get("error", "cannot be parsed")
-        message = f"the body is not valid JSON: {why} at character {bad_json['loc'][-1]}"
-        param = None
-    else:
-        message = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errs)
-        param = _loc(errs[0]["loc"]) if errs else None
+        return f"the body is not valid JSON: {why} at character {bad_json['loc'][-1]}", None
+    message = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errs)
+    return message or "invalid request", _loc(errs[0]["loc"]) if errs else None
+
+
+def unparsable_body(exc: BaseException) -> str | None:
+    """Why a body is not JSON, for what ``json.loads`` raises on it (None: not that)."""
+    if isinstance(exc, UnicodeDecodeError):
+        byte = exc.object[exc.start]
+        return f"the body is not valid UTF-8: byte 0x{byte:02x} at position {exc.start}"
+    if isinstance(exc, RecursionError):
+        return "the body nests too deeply to be parsed"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"the body is not valid JSON: {exc.msg} at character {exc.pos}"
+    return None
+
+
+async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    body_in = getattr(exc, "body", None)
+    if isinstance(body_in, dict) and isinstance(body_in.get("model"), str):
+        model_id_var.set(body_in["model"][:200])
+    message, param = describe_validation(list(exc.errors()))
     body = error_body(422, "invalid_request_error", message, "invalid_request", param)
     log_error(422, body, None)
     return JSONResponse(body, status_code=422)
@@ -191,12 +216,7 @@ def _unparsed_body(exc: StarletteHTTPException) -> str | None:
     cause = exc.__cause__
     if exc.status_code != 400 or cause is None or exc.detail != _FASTAPI_UNPARSED:
         return None
-    if isinstance(cause, UnicodeDecodeError):
-        byte = cause.object[cause.start]
-        return f"the body is not valid UTF-8: byte 0x{byte:02x} at position {cause.start}"
-    if isinstance(cause, RecursionError):
-        return "the body nests too deeply to be parsed"
-    return f"the body cannot be parsed: {type(cause).__name__}"
+    return unparsable_body(cause) or f"the body cannot be parsed: {type(cause).__name__}"
 
 
 _FASTAPI_UNPARSED = "There was an error parsing the body"

@@ -125,7 +125,7 @@ class RequestContextMiddleware:
                 seconds = time.perf_counter() - t0
                 self.metrics.requests.labels(model, endpoint, str(status)).inc()
                 self.metrics.latency.labels(model, endpoint).observe(seconds)
-                if endpoint.startswith(("/v1/", "/admin/")):  # not the probes' polling
+                if scope.get("path", "").startswith(("/v1/", "/admin/")):  # not the probes
                     extra = {
                         "model_id": (
                             scope.get("path_params", {}).get("model_id")  # /admin/models/{id}

@@ -8,7 +8,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.errors import InvalidRequest
 from server.generation import SamplingParams
 
 MAX_INPUTS = 256  # texts in one /v1/classify or /v1/embeddings request
@@ -69,8 +68,14 @@ _OFF_TOO = {
 
 def _is_off(name: str, value: Any) -> bool:
     """Whether ``value`` leaves the unsupported parameter ``name`` off: null, false, 0,
-    empty, or its own default (``_OFF_TOO``)."""
+    empty, or its own default (``_OFF_TOO``). ``logprobs`` is off only as null or false:
+    completions' ``logprobs: 0`` asks for the sampled token's own logprob."""
+    if name == "logprobs":
+        return value is None or value is False
     return value is None or value in (False, "", [], {}) or value == _OFF_TOO.get(name, 0)
+
+
+_OFF = Field(None, description="Not supported: accepted only when off (null, false, 0, empty).")
 
 
 class _Sampling(BaseModel):
@@ -90,18 +95,18 @@ class _Sampling(BaseModel):
     user: str | None = None
 
     # the OpenAI parameters in UNSUPPORTED: accepted only when off (see ``_is_off``)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    best_of: Any = None
-    suffix: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
+    logprobs: Any = _OFF
+    top_logprobs: Any = _OFF
+    best_of: Any = _OFF
+    suffix: Any = _OFF
+    logit_bias: Any = _OFF
+    presence_penalty: Any = _OFF
+    frequency_penalty: Any = _OFF
+    tools: Any = _OFF
+    tool_choice: Any = _OFF
+    functions: Any = _OFF
+    function_call: Any = _OFF
+    response_format: Any = _OFF
 
     @field_validator(*UNSUPPORTED)
     @classmethod
@@ -344,15 +349,8 @@ class EmbeddingResponse(BaseModel):
     def build(
         cls, model: str, vecs: list[list[float]], tokens: int, req: EmbeddingRequest
     ) -> EmbeddingResponse:
-        """The answer to ``req``: its ``encoding_format``, and a 422 on ``dimensions`` when
-        it asks for another width than the model's."""
-        width = len(vecs[0]) if vecs else 0
-        if req.dimensions is not None and req.dimensions != width:
-            raise InvalidRequest(
-                f"dimensions: this model's embeddings have {width} dimensions, "
-                f"not {req.dimensions} (they are not shortened)",
-                field="dimensions",
-            )
+        """The answer to ``req``, in its ``encoding_format`` (``dimensions`` is checked
+        before the work, by ``routes.common.check_dimensions``)."""
         if req.encoding_format == "base64":
             vecs = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vecs]
         data = [Embedding(index=i, embedding=v) for i, v in enumerate(vecs)]

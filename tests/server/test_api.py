@@ -249,11 +249,16 @@ def test_metrics_count_requests_swaps_and_cache(llama: TestClient, caplog) -> No
     with caplog.at_level("INFO", logger="server.api.metrics"):
         llama.post("/v1/completions", json={"model": base_id, "prompt": "x", "max_tokens": 2})
         llama.get("/admin/models/nobody", headers=AUTH)
+        llama.get("/v1/nowhere")
         llama.get("/readyz")
     # one line a request on /v1 and /admin (not the probes), naming its model
     mine = [r for r in caplog.records if r.name == "server.api.metrics"]
     lines = [(r.endpoint, r.status, r.model_id) for r in mine]
-    assert lines == [("/v1/completions", 200, base_id), ("/admin/models/{model_id}", 404, "nobody")]
+    assert lines == [
+        ("/v1/completions", 200, base_id),
+        ("/admin/models/{model_id}", 404, "nobody"),
+        ("unmatched", 404, None),
+    ]
     text = llama.get("/metrics").text
     assert (
         f'darex_requests_total{{endpoint="/v1/completions",model="{base_id}",status="200"}}' in text
@@ -383,6 +388,13 @@ def test_a_client_gone_mid_upload_is_499_not_a_server_error(
             assert "gone" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
     uploads = tmp_path / "data" / "uploads"
     assert not uploads.exists() or not list(uploads.iterdir()), list(uploads.iterdir())
+    # what the log and a client still listening would read
+    from starlette.requests import ClientDisconnect
+
+    from server.api.errors import describe
+
+    status, body = describe(ClientDisconnect())
+    assert status == 499 and "closed the connection" in body["error"]["message"], body
 
 
 def test_the_ingest_workers_log_lines_name_the_model(

@@ -418,6 +418,7 @@ def test_inputs_of_the_wrong_shape_name_the_item(
         ({"temperature": "NaN"}, "temperature", ["finite number"]),
         ({"top_p": "Infinity"}, "top_p", ["finite number"]),
         ({"logprobs": 5}, "logprobs", ["not supported"]),
+        ({"logprobs": 0}, "logprobs", ["not supported"]),  # completions' 0 asks for one
         ({"presence_penalty": 0.5}, "presence_penalty", ["not supported"]),
         ({"response_format": {"type": "json_object"}}, "response_format", ["not supported"]),
         ({"max_completion_tokens": 10**5}, "max_completion_tokens", ["limit of 512"]),

@@ -77,6 +77,19 @@ def test_the_new_head_is_not_reported_missing_but_other_missing_weights_are(
         _load_model(other, task, opts)
     (rec,) = [r for r in caplog.records if r.name == "server.training"]
     assert "pooler.dense.weight" in rec.getMessage() and "classifier" not in rec.getMessage()
+    # a base that already has a head of another size (3 labels) gets a new 2-label one
+    from transformers import BertForSequenceClassification
+
+    headed = tmp_path / "headed"
+    BertForSequenceClassification.from_pretrained(tiny_bert.path, num_labels=3).save_pretrained(
+        headed
+    )
+    shutil.copy(tiny_bert.path / "tokenizer.json", headed)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="server.training"):
+        model, _ = _load_model(resolve_base(str(headed), tmp_path / "data"), task, opts)
+    assert model.classifier.out_features == 2
+    assert not [r for r in caplog.records if r.name == "server.training"]
 
 
 def test_generation_finetune_lowers_the_loss_and_keeps_embeddings(

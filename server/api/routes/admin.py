@@ -246,11 +246,13 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
         error = _hide_upload_path(f"{type(e).__name__}: {e}", up)
         reg.update_job(job_id, state="failed", error=error, message="failed")
     finally:
-        if state.heartbeat is not None:
-            state.heartbeat.discard(job_id)
-        up.cleanup()
-        _release(state, model_id, job_id)
-        model_id_var.reset(token)
+        try:
+            if state.heartbeat is not None:
+                state.heartbeat.discard(job_id)
+            up.cleanup()
+            _release(state, model_id, job_id)
+        finally:
+            model_id_var.reset(token)
 
 
 @router.post("/models", status_code=202, response_model=JobAccepted)

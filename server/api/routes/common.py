@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -14,6 +15,9 @@ from server.api.state import AppState
 from server.errors import InvalidRequest, NotReady, WrongTask
 from server.generation import Chunk, SamplingParams
 from server.logging import model_id_var
+
+if TYPE_CHECKING:
+    from server.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +44,25 @@ async def resolve_model(
 
 
 def check_prompt(
-    state: AppState,
+    engine: Engine,
+    cap: int,
     ids: list[int],
     params: SamplingParams,
     field: str,
     asked: tuple[str, int] | None = None,
 ) -> None:
-    """Refuse empty prompts, prompts that fill the context, a length over the cap, and a
-    length the client asked for (``asked``: its field and value) that the context cannot
-    hold after the prompt; without one, generation stops at the context's end."""
+    """Refuse empty prompts, prompts that fill the context, a length over ``cap``
+    (``DAREX_MAX_NEW_TOKENS``), and a length the client asked for (``asked``: its field
+    and value) that the context cannot hold after the prompt; without one, generation
+    stops at the context's end. Shared by ``darex serve`` and the Ray app."""
     if not ids:
         raise InvalidRequest(f"{field}: the prompt has no tokens", field=field)
-    limit = getattr(state.engine.model.config, "max_position_embeddings", None)
+    limit = getattr(engine.model.config, "max_position_embeddings", None)
     if limit is not None and len(ids) >= limit:
         raise InvalidRequest(
             f"{field}: {len(ids)} tokens, the model's context holds {limit}", field=field
         )
     name = asked[0] if asked else "max_tokens"
-    cap = state.settings.max_new_tokens
     if params.max_tokens > cap:
         raise InvalidRequest(
             f"{name}: {params.max_tokens} is more than this server's limit of {cap}", field=name
@@ -67,6 +72,18 @@ def check_prompt(
             f"{name}: {len(ids)} prompt tokens and {asked[1]} to generate are more than the "
             f"model's context of {limit}",
             field=name,
+        )
+
+
+def check_dimensions(engine: Engine, dimensions: int | None) -> None:
+    """Refuse an embeddings ``dimensions`` other than the model's width, before any work:
+    embeddings are not shortened."""
+    width = getattr(engine.model.config, "hidden_size", None)
+    if dimensions is not None and width is not None and dimensions != width:
+        raise InvalidRequest(
+            f"dimensions: this model's embeddings have {width} dimensions, not {dimensions} "
+            "(they are not shortened)",
+            field="dimensions",
         )
 
 

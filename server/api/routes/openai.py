@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import SchedulerDep, StateDep, require_api_key
-from server.api.routes.common import check_prompt, resolve_model, sse_stream
+from server.api.routes.common import check_dimensions, check_prompt, resolve_model, sse_stream
 from server.api.schemas import (
     ChatChoice,
     ChatChoiceMessage,
@@ -82,23 +82,21 @@ async def _all_or_none(coros: list) -> list:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(state: StateDep) -> ModelList:
-    cards = [ModelCard(id=state.base_id, created=int(state.started), owned_by="base")]
-    if state.store is not None:
-        cards += await asyncio.to_thread(_fine_tune_cards, state.store)
-    return ModelList(data=cards)
+    return await asyncio.to_thread(model_list, state.base_id, state.started, state.store)
 
 
-def _fine_tune_cards(store: DeltaStore) -> list[ModelCard]:
-    """The fine-tunes of the served base, ``created`` when each was stored (0 when its
-    manifest cannot be read: using the model names the problem)."""
-    cards = []
-    for model_id, key in sorted(store.models().items()):
+def model_list(base_id: str, started: float, store: DeltaStore | None) -> ModelList:
+    """The base (``created``: when the server started), then the fine-tunes of it
+    (``created``: when each was stored; 0 when its manifest cannot be read, where using
+    the model names the problem). Shared by ``darex serve`` and the Ray app."""
+    cards = [ModelCard(id=base_id, created=int(started), owned_by="base")]
+    for model_id, key in sorted((store.models() if store is not None else {}).items()):
         try:
-            created = int(store.created_of(key))
-        except (StorageError, KeyError):
+            created = int(store.created_of(key))  # type: ignore[union-attr]
+        except (StorageError, KeyError, OSError):
             created = 0
         cards.append(ModelCard(id=model_id, created=created))
-    return cards
+    return ModelList(data=cards)
 
 
 @router.post("/completions", response_model=CompletionResponse)
@@ -110,7 +108,9 @@ async def completions(
     tok = state.engine.tokenizer
     prompts = await asyncio.to_thread(lambda: [encode_prompt(tok, p) for p in body.prompts])
     for ids in prompts:
-        check_prompt(state, ids, params, "prompt", body.asked_max())
+        check_prompt(
+            state.engine, state.settings.max_new_tokens, ids, params, "prompt", body.asked_max()
+        )
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -161,7 +161,9 @@ async def chat_completions(
     target, _ = await resolve_model(state, request, body.model, GENERATE, "/v1/chat/completions")
     params = body.sampling(state.settings.max_new_tokens)
     ids = await asyncio.to_thread(render_chat, state.engine.tokenizer, body.messages)
-    check_prompt(state, ids, params, "messages", body.asked_max())
+    check_prompt(
+        state.engine, state.settings.max_new_tokens, ids, params, "messages", body.asked_max()
+    )
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -214,6 +216,7 @@ async def embeddings(
 ):
     tasks = ("feature-extraction",)
     target, _ = await resolve_model(state, request, body.model, tasks, "/v1/embeddings")
+    check_dimensions(state.engine, body.dimensions)
     vecs = await sched.embed(target, body.texts)
     tok = state.engine.tokenizer
     n = await asyncio.to_thread(
