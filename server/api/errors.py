@@ -211,7 +211,7 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
     return JSONResponse(body, status_code=422)
 
 
-def _unparsed_body(exc: StarletteHTTPException) -> str | None:
+def _fastapi_parse_error(exc: StarletteHTTPException) -> str | None:
     """What was wrong with a body FastAPI could not parse (its 400 says only that)."""
     cause = exc.__cause__
     if exc.status_code != 400 or cause is None or exc.detail != _FASTAPI_UNPARSED:
@@ -226,7 +226,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc.__cause__, ClientDisconnect):  # gone while FastAPI read the JSON
         return await _domain_handler(request, exc.__cause__)
-    if (why := _unparsed_body(exc)) is not None:
+    if (why := _fastapi_parse_error(exc)) is not None:
         body = error_body(422, "invalid_request_error", why, "invalid_request")
         log_error(422, body, None)
         return JSONResponse(body, status_code=422)
