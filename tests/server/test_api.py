@@ -182,7 +182,8 @@ def test_upload_over_the_limit_is_413(llama: TestClient, llama_ft: Path) -> None
     finally:
         st.settings = saved
     assert_error(r, 413, "10000")
-    assert not list((st.settings.data_dir / "uploads").iterdir())  # partial upload removed
+    uploads = st.settings.data_dir / "uploads"  # made by the first upload this app saw
+    assert not uploads.exists() or not list(uploads.iterdir())  # partial upload removed
 
 
 def test_checkpoint_of_another_shape_is_422_naming_the_tensor(llama, tmp_path) -> None:
@@ -218,6 +219,11 @@ def test_pickle_and_bad_fields_are_422(llama: TestClient, llama_ft: Path) -> Non
         ({"method": "darex_q"}, "required with method darex_q unless val examples or calib"),
         ({"method": "dare", "q": "0.02"}, "only method darex_q"),
         ({"q": "0.02"}, "only method darex_q"),
+        # the same range as `darex add --q` and the pruning library: any finite q > 0
+        ({"method": "darex_q", "q": "0"}, "finite number > 0, got 0.0"),
+        ({"method": "darex_q", "q": "-0.5"}, "finite number > 0, got -0.5"),
+        ({"method": "darex_q", "q": "inf"}, "finite number > 0, got inf"),
+        ({"method": "darex_q", "q": "nan"}, "finite number > 0, got nan"),
     ):
         r = llama.post("/admin/models", headers=AUTH, data={"model_id": "x", **data}, files=files)
         assert assert_error(r, 422, match)["param"] == "q"

@@ -49,15 +49,19 @@ METHODS = ("dare", "darex_q", "magnitude", "wanda", "structural")
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
 
 
-def _float_field(up: Upload, name: str, lo: float, hi: float) -> float | None:
+def _number_field(up: Upload, name: str) -> float | None:
     raw = up.fields.get(name)
     if raw in (None, ""):
         return None
     try:
-        v = float(raw)
+        return float(raw)
     except ValueError:
         raise InvalidRequest(f"{name}: {raw!r} is not a number", field=name) from None
-    if not (lo <= v <= hi) or math.isnan(v):
+
+
+def _float_field(up: Upload, name: str, lo: float, hi: float) -> float | None:
+    v = _number_field(up, name)
+    if v is not None and (not (lo <= v <= hi) or math.isnan(v)):
         raise InvalidRequest(f"{name}: {v} is outside [{lo}, {hi}]", field=name)
     return v
 
@@ -284,7 +288,9 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         if method is not None and method not in METHODS:
             raise InvalidRequest(f"method: {method!r} is not one of {METHODS}", field="method")
         rate = _float_field(up, "rate", 0.0, 0.9999)
-        q = _float_field(up, "q", 1e-6, 1.0)
+        q = _number_field(up, "q")
+        if q is not None and not 0.0 < q < math.inf:  # as `darex add --q` and the library
+            raise InvalidRequest(f"q: the rescale q must be a finite number > 0, got {q}", "q")
         calib = None
         if "calib" in up.fields:
             calib = read_calib_texts(up.fields["calib"])
@@ -294,7 +300,7 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         if method == "darex_q" and q is None and calib is None and val is None:
             raise InvalidRequest(
                 "q: required with method darex_q unless val examples or calib texts are sent "
-                "to search it on (a number in (0, 1], e.g. the one `darex prune --q outchange` "
+                "to search it on (a finite number > 0, e.g. the one `darex prune --q outchange` "
                 "prints)",
                 field="q",
             )
