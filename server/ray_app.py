@@ -44,8 +44,14 @@ from pydantic import BaseModel, ValidationError
 
 from server.api.app import MAX_JSON_BYTES, BodyLimitMiddleware
 from server.api.auth import check_token
-from server.api.errors import describe, describe_validation, log_error, unparsable_body
-from server.api.routes.common import check_dimensions, check_prompt
+from server.api.errors import (
+    describe,
+    describe_validation,
+    error_response,
+    log_error,
+    unparsable_body,
+)
+from server.api.routes.common import check_dimensions, check_prompt, check_task
 from server.api.routes.openai import model_list, render_chat
 from server.api.schemas import (
     ChatRequest,
@@ -55,7 +61,7 @@ from server.api.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
 )
-from server.errors import InvalidRequest, NotReady, Unauthorized, WrongTask
+from server.errors import InvalidRequest, NotReady, Unauthorized
 from server.generation import encode_prompt
 from server.replicas import replica_watcher
 from server.settings import Settings
@@ -122,8 +128,7 @@ class Runtime:
             # the task check and the label names of ``resolve_model``, in one hop
             task, labels = await asyncio.to_thread(self.engine.describe, target)
             want = "sequence-classification" if kind == "classify" else "feature-extraction"
-            if task != want:
-                raise WrongTask(f"model {model!r} is a {task} model; /v1/{kind} serves {want}")
+            check_task(model, task, (want,), f"/v1/{kind}")
             if kind == "embeddings":
                 check_dimensions(self.engine, req.dimensions)
                 vecs = await self.scheduler.embed(target, req.texts)
@@ -228,13 +233,6 @@ class DarexReplica:
         assert self.rt.engine.broken is None, self.rt.engine.broken
 
 
-def _refusal(exc: InvalidRequest) -> JSONResponse:
-    """The ingress's own 422, in the shape of every other error."""
-    status, err = describe(exc)
-    log_error(status, err, None)
-    return JSONResponse(err, status_code=status)
-
-
 api = FastAPI(title="darex-serve (Ray)")
 api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_JSON_BYTES)  # 413, as in darex serve
 
@@ -273,12 +271,12 @@ class DarexIngress:
             body = await request.json()
         except (ValueError, RecursionError) as e:  # as ``darex serve``: a 422 saying why
             why = unparsable_body(e) or f"the body cannot be parsed: {type(e).__name__}"
-            return _refusal(InvalidRequest(why))
+            return error_response(InvalidRequest(why))
         if not isinstance(body, dict):
-            return _refusal(InvalidRequest("the body must be a JSON object"))
+            return error_response(InvalidRequest("the body must be a JSON object"))
         if body.get("stream"):
             why = "stream: streaming is served by `darex serve`, not the Ray app"
-            return _refusal(InvalidRequest(why, "stream"))
+            return error_response(InvalidRequest(why, "stream"))
         model = str(body.get("model") or "")
         handle = self.replica.options(multiplexed_model_id=model) if model else self.replica
         status, out, replica = await handle.infer.remote(kind, body)

@@ -138,11 +138,16 @@ def log_error(status: int, body: dict, exc: BaseException | None) -> None:
         log.warning("request refused: %s", err["message"], extra=extra)
 
 
-async def _domain_handler(request: Request, exc: Exception) -> JSONResponse:
+def error_response(exc: BaseException) -> JSONResponse:
+    """The logged answer to ``exc``, in the shape of every error (the Ray ingress too)."""
     status, body = describe(exc)
     log_error(status, body, exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _domain_handler(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
 
 
 def _is_tag(part: object) -> bool:
@@ -225,7 +230,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc.__cause__, ClientDisconnect):  # gone while FastAPI read the JSON
-        return await _domain_handler(request, exc.__cause__)
+        return error_response(exc.__cause__)
     if (why := _fastapi_parse_error(exc)) is not None:
         body = error_body(422, "invalid_request_error", why, "invalid_request")
         log_error(422, body, None)

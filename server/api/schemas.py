@@ -201,12 +201,8 @@ class ChatRequest(_Sampling):
         return super().asked_max()
 
     def sampling(self, default_max: int) -> SamplingParams:
-        p = super().sampling(default_max)
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            return SamplingParams(
-                self.max_completion_tokens, p.temperature, p.top_p, p.seed, p.stop
-            )
-        return p
+        # max_tokens, else max_completion_tokens, else the server's default
+        return super().sampling(self.max_completion_tokens or default_max)
 
 
 class Usage(BaseModel):

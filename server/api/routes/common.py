@@ -35,12 +35,17 @@ async def resolve_model(
         raise NotReady("the base model is still loading")
     target = state.target(model)
     task, labels = await asyncio.to_thread(state.engine.describe, target)
+    check_task(model, task, tasks, endpoint)
+    request.state.model_label = model
+    return target, labels
+
+
+def check_task(model: str, task: str, tasks: tuple[str, ...], endpoint: str) -> None:
+    """422 ``wrong_task`` unless ``endpoint`` serves ``task`` (shared with the Ray app)."""
     if task not in tasks:
         raise WrongTask(
             f"model {model!r} is a {task} model; {endpoint} serves {' or '.join(tasks)}"
         )
-    request.state.model_label = model
-    return target, labels
 
 
 def check_prompt(
