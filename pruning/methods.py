@@ -47,14 +47,20 @@ def check_rate(p: float, name: str) -> float:
     return p
 
 
+def q_problem(q: float) -> str | None:
+    """What is wrong with a rescale q, or None when it is a finite number > 0: the one
+    wording of this check for the library, ``darex add --q`` and the HTTP upload."""
+    return None if 0.0 < q < math.inf else f"the rescale q must be a finite number > 0, got {q}"
+
+
 def check_q(q: float, name: str) -> float:
     """Return ``q`` as float, or raise ``PruningError`` unless 0 < q and finite."""
     try:
         q = float(q)
     except (TypeError, ValueError) as e:
         raise PruningError(f"tensor {name!r}: q must be a number, got {q!r}") from e
-    if not (q > 0.0 and math.isfinite(q)):
-        raise PruningError(f"tensor {name!r}: rescale q must be a finite number > 0, got {q}")
+    if why := q_problem(q):
+        raise PruningError(f"tensor {name!r}: {why}")
     return q
 
 

@@ -61,7 +61,7 @@ def _check_add_options(
     """Refuse bad or conflicting ``darex add`` options before any work (exit 2, naming the
     option). Returns the method: ``--q`` without ``--method`` means ``darex_q``."""
     from pruning.errors import PruningError
-    from pruning.methods import Method
+    from pruning.methods import Method, q_problem
     from storage.codec import VALUE_DTYPES
     from storage.ingest import ENCODING_CHOICES
     from storage.labeled import check_val_options
@@ -75,8 +75,8 @@ def _check_add_options(
     option, given = ("--rate", rate) if rate is not None else ("DAREX_DEFAULT_RATE", default_rate)
     if why := rate_problem(given):
         raise bad(option, why)
-    if q is not None and not (q > 0.0 and math.isfinite(q)):
-        raise bad("--q", f"the rescale q must be a finite number > 0, got {q}")
+    if q is not None and (why := q_problem(q)):
+        raise bad("--q", why)
     if encoding not in ENCODING_CHOICES:
         raise bad("--encoding", f"{encoding!r} is not one of {', '.join(ENCODING_CHOICES)}")
     if values not in VALUE_DTYPES:

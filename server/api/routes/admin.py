@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 
+from pruning.methods import q_problem
 from server.api.deps import SettingsDep, StateDep, StoreDep, require_admin
 from server.api.jobs import effective_job
 from server.api.schemas import Deleted, JobAccepted, JobPublic, ModelPublic
@@ -289,8 +290,8 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
             raise InvalidRequest(f"method: {method!r} is not one of {METHODS}", field="method")
         rate = _float_field(up, "rate", 0.0, 0.9999)
         q = _number_field(up, "q")
-        if q is not None and not 0.0 < q < math.inf:  # as `darex add --q` and the library
-            raise InvalidRequest(f"q: the rescale q must be a finite number > 0, got {q}", "q")
+        if q is not None and (why := q_problem(q)):  # as `darex add --q` and the library
+            raise InvalidRequest(f"q: {why}", "q")
         calib = None
         if "calib" in up.fields:
             calib = read_calib_texts(up.fields["calib"])
