@@ -29,7 +29,7 @@ import torch
 
 from pruning.sparse import SparseDelta
 from storage.blobs import MissingBlob
-from storage.errors import BaseMismatch, UnknownModel
+from storage.errors import BaseMismatch, CorruptBlob, UnknownModel, UnsupportedFormat
 
 if TYPE_CHECKING:
     from storage.manifest import Manifest
@@ -147,8 +147,8 @@ class StoreSource:
                 params[name] = (d.indices, d.values)
             for name, entry in m.extras.items():
                 extras[name] = self.store.load_dense(entry, "cpu")  # type: ignore[attr-defined]
-        except MissingBlob as e:
-            raise MissingBlob(
+        except (MissingBlob, CorruptBlob, UnsupportedFormat) as e:
+            raise type(e)(
                 f"model {model_id!r}: tensor {name}: {e} (run `darex verify`; then upload "
                 f"the fine-tune again with replace, or `darex rm {model_id}`)"
             ) from e

@@ -11,7 +11,8 @@ fine-tune repairs a corrupt blob; a match only refreshes the mtime (gc's grace).
 
 ``locked()`` is an advisory ``flock`` on ``root/blobs.lock``, across threads and
 processes: ``put`` holds it shared while it decides to reuse a stored blob and
-refreshes its mtime, ``DeltaStore.register`` while it checks a manifest's blobs and
+refreshes its mtime or writes it (so gc's temp sweep, exclusive, never meets a
+write in flight), ``DeltaStore.register`` while it checks a manifest's blobs and
 writes the registry entry, and ``DeltaStore.gc`` holds it exclusively while it
 re-checks and deletes. So a blob gc is about to delete is either reused before gc
 looks (gc then sees it young and keeps it) or found gone by the reuser (and
@@ -109,21 +110,26 @@ class BlobStore:
         """
         key = blob_key(data)
         dst = self.path(key)
+        # The shared lock is held through the write too: gc sweeps temp files under the
+        # exclusive one, so it never unlinks the temp file of a write in flight.
         with self.locked():
             if self._reuse(key, dst, data):
                 return key
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dst)  # atomic; a concurrent writer of the same key wrote equal bytes
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        _fsync_dir(dst.parent)
+            if not dst.parent.is_dir():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.objects)  # the new shard folder survives a power loss
+            tmp = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                # atomic; a concurrent writer of the same key wrote equal bytes
+                os.replace(tmp, dst)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            _fsync_dir(dst.parent)
         return key
 
     def _reuse(self, key: str, dst: Path, data: bytes) -> bool:
@@ -161,7 +167,7 @@ class BlobStore:
     def verify(self, key: str) -> bool:
         try:
             self.get(key)
-        except (CorruptBlob, MissingBlob):
+        except (CorruptBlob, MissingBlob, OSError):
             return False
         return True
 

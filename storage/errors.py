@@ -46,6 +46,10 @@ class UnsupportedFormat(StorageError, ValueError):
     """A blob or manifest written by an unknown format version."""
 
 
+class RegistryMismatch(StorageError):
+    """The registry is not the one this store's models were registered in."""
+
+
 class RegistryUnavailable(StorageError):
     """The registry backend (SQLite file or Redis) cannot be reached."""
 

@@ -6,20 +6,29 @@ Keys (``prefix`` defaults to ``darex``)::
     <prefix>:models:version   int   INCR on every model change
     <prefix>:models:changed   pubsub channel, publishes the new version
     <prefix>:job:<id>         hash  job fields, expires after a week
+    <prefix>:registry:id      str   the registry's id (``Registry.registry_id``)
+
+Notifications are best effort: a change is committed before it is published, and a
+lost message is caught by the replicas' poll of the version counter, so a failed
+publish is logged, not raised (the caller would retry a change already made).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import redis
+from pydantic import ValidationError
 
 from storage.errors import ModelExists, RegistryUnavailable, UnknownJob, UnknownModel
 from storage.registry import JOB_TTL_S, Job, JobState, Registry, _job_fields
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -71,7 +80,19 @@ class RedisRegistry(Registry):
         added, version = pipe.execute()
         if not replace and not added:
             raise ModelExists(f"model {model_id!r} is already registered")
-        self._r.publish(self.channel, version)
+        self._publish(version, model_id)
+
+    def _publish(self, version: int, model_id: str) -> None:
+        try:
+            self._r.publish(self.channel, version)
+        except redis.RedisError as e:
+            log.warning(
+                "registry change %d committed but not published (%s); replicas see it at "
+                "their next poll",
+                version,
+                e,
+                extra={"model_id": model_id},
+            )
 
     @_redis_errors
     def get_model(self, model_id: str) -> str:
@@ -86,7 +107,7 @@ class RedisRegistry(Registry):
         pipe.hdel(self._models, model_id)
         pipe.incr(self._version)
         n, version = pipe.execute()
-        self._r.publish(self.channel, version)
+        self._publish(version, model_id)
         return bool(n)
 
     @_redis_errors
@@ -95,7 +116,23 @@ class RedisRegistry(Registry):
 
     @_redis_errors
     def version(self) -> int:
-        return int(self._r.get(self._version) or 0)
+        raw = self._r.get(self._version)
+        try:
+            return int(raw or 0)
+        except ValueError:
+            raise RegistryUnavailable(
+                f"Redis key {self._version} holds {raw!r}, not a counter: does another "
+                f"program use the {self.prefix}: keys of this Redis database?"
+            ) from None
+
+    @_redis_errors
+    def registry_id(self) -> str:
+        key = f"{self.prefix}:registry:id"
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(key, uuid.uuid4().hex, nx=True)
+        pipe.get(key)
+        _, rid = pipe.execute()
+        return str(rid)
 
     @_redis_errors
     def create_job(self, model_id: str, message: str = "") -> Job:
@@ -130,7 +167,13 @@ class RedisRegistry(Registry):
             raise UnknownJob(f"job {job_id!r} does not exist")
         if raw.get("error") == "":
             raw["error"] = None
-        return Job.model_validate(raw)
+        try:
+            return Job.model_validate(raw)
+        except ValidationError as e:
+            raise RegistryUnavailable(
+                f"job {job_id!r}: its record in Redis is not one this version reads "
+                f"({e.error_count()} bad field(s), e.g. {e.errors()[0]['loc']})"
+            ) from None
 
     @_redis_errors
     def ping(self) -> bool:

@@ -6,6 +6,11 @@ One interface, two backends picked by URL in ``open_registry``:
   path): embedded default, WAL mode, safe across threads and processes.
 - ``redis://host:port/db``: shared by several replicas.
 
+``registry_id()`` is the registry's own id, made once when it is created (a new
+SQLite file, an empty Redis): the store records the id of the registry its models
+are registered in, so a run pointed at another registry is refused before ``gc``
+deletes the blobs of models it cannot see (``storage.store``).
+
 ``version()`` increments on every model change (set or delete), so a replica
 can cache lookups for a short TTL and drop its cache when the version moved;
 Redis also publishes the new version on ``<prefix>:models:changed``.
@@ -91,6 +96,10 @@ class Registry(ABC):
         """A counter that grows on every model change."""
 
     @abstractmethod
+    def registry_id(self) -> str:
+        """This registry's id: made on first use, then the same for every client."""
+
+    @abstractmethod
     def create_job(self, model_id: str, message: str = "") -> Job: ...
 
     @abstractmethod
@@ -128,6 +137,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (model_id TEXT PRIMARY KEY, manifest_key TEXT NOT NULL,
                                    updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS info (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, model_id TEXT NOT NULL, state TEXT NOT NULL,
                                  progress REAL NOT NULL, message TEXT NOT NULL, error TEXT,
                                  created REAL NOT NULL, updated REAL NOT NULL);
@@ -185,7 +195,9 @@ class SQLiteRegistry(Registry):
                 mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
                 if str(mode).lower() != "wal":
                     self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
+                # FULL: a registration reported done survives a power loss too (NORMAL
+                # keeps it across a crash of the process only); one fsync per model change
+                self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
                 return
             except sqlite3.OperationalError as e:
@@ -256,6 +268,12 @@ class SQLiteRegistry(Registry):
     def version(self) -> int:
         row = self._one("SELECT v FROM meta WHERE k = 'version'")
         return int(row[0]) if row else 0
+
+    @_sqlite_errors
+    def registry_id(self) -> str:
+        self._write([("INSERT OR IGNORE INTO info (k, v) VALUES ('id', ?)", (uuid.uuid4().hex,))])
+        row = self._one("SELECT v FROM info WHERE k = 'id'")
+        return str(row[0]) if row else ""
 
     @_sqlite_errors
     def create_job(self, model_id: str, message: str = "") -> Job:

@@ -11,6 +11,17 @@ so a model is never registered with a blob gc removed: either gc sees the new
 entry (or the fresh mtimes) and keeps the blobs, or ``register`` finds a blob
 gone and raises ``MissingBlob`` with nothing registered.
 
+The store records the id of the registry its models are registered in
+(``root/registry.id``, written at the first registration). ``register`` and ``gc``
+refuse another registry with ``RegistryMismatch``: run against an empty or wrong
+registry (a shell without ``DAREX_REGISTRY_URL``, a Redis that came back empty),
+``gc`` would see no model and delete every blob. ``rebind`` adopts the open
+registry when the recorded one is gone for good. A store made before the record
+existed has none until its next registration, and is not checked until then.
+
+Replacing or removing a model refreshes its old blobs' mtime, so gc's grace period
+also covers a replica still loading the old version.
+
 Each manifest names the base it was ingested against (``base.sha256``, the
 content hash of ``storage.bases.weights_sha256``). ``serving_base``, set by a
 server to the hash of its resident base, limits ``models()`` to that base's
@@ -21,6 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +43,13 @@ import torch
 from storage import codec
 from storage.blobs import BlobStore, MissingBlob
 from storage.codec import DecodedDelta
-from storage.errors import CorruptBlob, StorageError, UnsupportedFormat
+from storage.errors import (
+    CorruptBlob,
+    RegistryMismatch,
+    StorageError,
+    UnknownModel,
+    UnsupportedFormat,
+)
 from storage.manifest import Manifest, TensorEntry
 from storage.modelid import validate_model_id
 from storage.registry import Registry, open_registry
@@ -37,6 +57,12 @@ from storage.registry import Registry, open_registry
 log = logging.getLogger(__name__)
 
 GC_GRACE_S = 3600.0
+REGISTRY_ID_FILE = "registry.id"
+
+
+def shown_url(url: str) -> str:
+    """A registry URL without its password (redis://user:secret@host -> redis://user:***@host)."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 @dataclass
@@ -77,6 +103,12 @@ class DeltaStore:
     def close(self) -> None:
         self.registry.close()
 
+    def __enter__(self) -> DeltaStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------ manifests
 
     def put_manifest(self, manifest: Manifest) -> str:
@@ -87,16 +119,27 @@ class DeltaStore:
 
     def manifest(self, model_id: str) -> Manifest:
         """The registered manifest; ``UnknownModel`` when the id is not registered,
-        ``MissingBlob`` (naming the model) when its manifest blob is gone."""
-        key = self.registry.get_model(model_id)
+        ``MissingBlob`` / ``CorruptBlob`` / ``UnsupportedFormat`` naming the model when its
+        manifest cannot be read."""
+        return self._manifest_of(model_id, self.registry.get_model(model_id))
+
+    def _manifest_of(self, model_id: str, key: str) -> Manifest:
+        """``manifest_at(key)``, its errors naming the model (and a way out)."""
+        fix = f"run `darex verify`; then upload it again with replace, or `darex rm {model_id}`"
         try:
             return self.manifest_at(key)
         except MissingBlob as e:
             raise MissingBlob(
-                f"model {model_id!r}: its manifest blob {key} is missing from the store "
-                f"(run `darex verify`; then upload the fine-tune again with replace, "
-                f"or `darex rm {model_id}`)"
+                f"model {model_id!r}: its manifest blob {key} is missing from the store ({fix})"
             ) from e
+        except UnsupportedFormat as e:
+            raise UnsupportedFormat(
+                f"model {model_id!r}: manifest {key}: {e} (written by a newer darex-serve?)"
+            ) from e
+        except (CorruptBlob, ValueError, OSError) as e:
+            # ValueError: a registry entry that is not a blob key, a manifest that does not
+            # parse; OSError: a file this process may not read
+            raise CorruptBlob(f"model {model_id!r}: manifest {key} unreadable: {e} ({fix})") from e
 
     def register(self, model_id: str, manifest: Manifest, *, replace: bool = False) -> str:
         """Store the manifest and point ``model_id`` at it (atomic in the registry).
@@ -106,7 +149,9 @@ class DeltaStore:
         A blob a concurrent ``gc`` removed raises ``MissingBlob``, nothing registered.
         """
         validate_model_id(model_id)
+        self._bind_registry()
         key = self.put_manifest(manifest)
+        old = self._registered_key(model_id) if replace else None
         with self.blobs.locked():
             for k in [key, *sorted(manifest.keys())]:
                 try:
@@ -118,7 +163,90 @@ class DeltaStore:
                     ) from e
             self.registry.set_model(model_id, key, replace=replace)
         log.info("registered %s -> %s", model_id, key, extra={"model_id": model_id})
+        if old is not None and old != key:
+            self._refresh(old)
         return key
+
+    # ------------------------------------------------------------ the store's registry
+
+    def _recorded_registry(self) -> str | None:
+        try:
+            return (self.root / REGISTRY_ID_FILE).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _mismatch(self, recorded: str, rid: str) -> str:
+        return (
+            f"the store {self.root} belongs to registry {recorded}, but "
+            f"{shown_url(self.registry.url)} is registry {rid}: its models are registered in "
+            "the other one, and a gc here would delete their blobs. Point "
+            "DAREX_REGISTRY_URL at the store's registry (the one the server uses); if that "
+            "registry is lost for good (a Redis that came back empty), `darex rebind --yes` "
+            "makes this one the store's"
+        )
+
+    def registry_problem(self) -> str | None:
+        """Why the open registry is not the store's (``RegistryMismatch``'s text), or None."""
+        recorded = self._recorded_registry()
+        if recorded is None:
+            return None
+        rid = self.registry.registry_id()
+        return None if rid == recorded else self._mismatch(recorded, rid)
+
+    def _bind_registry(self) -> None:
+        """Record the open registry as the store's at the first registration; refuse another."""
+        rid = self.registry.registry_id()
+        recorded = self._recorded_registry()
+        if recorded is None:
+            recorded = self._write_registry_id(rid, exclusive=True)
+        if recorded != rid:
+            raise RegistryMismatch(self._mismatch(recorded, rid))
+
+    def _write_registry_id(self, rid: str, *, exclusive: bool) -> str:
+        """Write ``registry.id`` atomically; ``exclusive``: only if absent (the id it holds
+        after, ours or a racing writer's)."""
+        dst = self.root / REGISTRY_ID_FILE
+        tmp = self.blobs.tmp / f"{REGISTRY_ID_FILE}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(rid + "\n")
+        try:
+            if exclusive:
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, dst)  # fails when another writer recorded one first
+            else:
+                os.replace(tmp, dst)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return self._recorded_registry() or rid
+
+    def rebind(self) -> tuple[str | None, str]:
+        """Make the open registry the store's; returns (the id recorded before, the new id).
+
+        For a store whose registry is lost for good: blobs of models registered only in
+        the old registry are unreferenced from now on, and go at the next ``gc``.
+        """
+        old, rid = self._recorded_registry(), self.registry.registry_id()
+        self._write_registry_id(rid, exclusive=False)
+        log.warning("store %s bound to registry %s (was %s)", self.root, rid, old)
+        return old, rid
+
+    def _registered_key(self, model_id: str) -> str | None:
+        try:
+            return self.registry.get_model(model_id)
+        except UnknownModel:
+            return None
+
+    def _refresh(self, manifest_key: str) -> None:
+        """Refresh the mtime of a manifest that left the registry and of its blobs: gc's
+        grace period then also covers a replica still loading it. Best effort."""
+        try:
+            keys = {manifest_key, *self.manifest_at(manifest_key).keys()}
+        except (StorageError, KeyError, ValueError, OSError):
+            return
+        with self.blobs.locked():
+            for k in keys:
+                with contextlib.suppress(MissingBlob, OSError):
+                    self.blobs.touch(k)
 
     def _facts_of(self, manifest_key: str) -> tuple[str, float]:
         facts = self._facts.get(manifest_key)
@@ -151,16 +279,20 @@ class DeltaStore:
             try:
                 if self.base_of(key) != base:
                     continue
-            except (StorageError, KeyError) as e:
-                log.warning("model %s: manifest unreadable: %s", model_id, e)
+            except (StorageError, KeyError, ValueError, OSError) as e:
+                log.warning("manifest unreadable: %s", e, extra={"model_id": model_id})
             out[model_id] = key
         return out
 
     def delete(self, model_id: str) -> bool:
-        """Unregister; its blobs go at the next ``gc`` unless another manifest uses them."""
+        """Unregister; its blobs go at the next ``gc`` (once past its grace period, counted
+        from now) unless another manifest uses them."""
+        old = self._registered_key(model_id)
         gone = self.registry.delete_model(model_id)
         if gone:
             log.info("deleted %s", model_id, extra={"model_id": model_id})
+            if old is not None:
+                self._refresh(old)
         return gone
 
     # ------------------------------------------------------------ tensors
@@ -188,11 +320,9 @@ class DeltaStore:
         """Every blob key a registered model needs (manifests and their tensors)."""
         keys: set[str] = set()
         for model_id, mkey in self.registry.list_models().items():
-            try:
-                m = self.manifest_at(mkey)
-            except (StorageError, KeyError) as e:
-                # Unknown references: deleting anything now could lose data.
-                raise CorruptBlob(f"model {model_id!r}: manifest {mkey} unreadable ({e})") from e
+            # A manifest that cannot be read leaves unknown references: deleting anything
+            # now could lose data, so its error stops gc
+            m = self._manifest_of(model_id, mkey)
             keys.add(mkey)
             keys |= m.keys()
         return keys
@@ -205,6 +335,8 @@ class DeltaStore:
         meanwhile (``put`` refreshed its mtime) is young again and stays, and a
         model registered meanwhile (the registry's version moved) keeps its blobs.
         """
+        if problem := self.registry_problem():
+            raise RegistryMismatch(problem)
         report = GcReport()
         version = self.registry.version()
         live = self.referenced()
@@ -234,23 +366,27 @@ class DeltaStore:
                     continue
                 report.freed_bytes += self.blobs.delete(key)
                 report.deleted += 1
-        for tmp in self.blobs.stale_temps(grace_s):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-                report.temps_deleted += 1
+            # under the exclusive lock: ``put`` writes its temp files under the shared one,
+            # so none of these is a write in flight
+            for tmp in self.blobs.stale_temps(grace_s):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    report.temps_deleted += 1
         log.info("gc: %s", report)
         return report
 
     def verify(self) -> VerifyReport:
         """Every registered manifest and blob readable, hashing to its key, decodable."""
         report = VerifyReport()
+        if problem := self.registry_problem():
+            report.problems.append(problem)
         checked: set[str] = set()
         for model_id, mkey in self.registry.list_models().items():
             report.models += 1
             try:
-                m = self.manifest_at(mkey)
-            except (StorageError, KeyError) as e:
-                report.problems.append(f"{model_id}: manifest {mkey}: {e}")
+                m = self._manifest_of(model_id, mkey)
+            except StorageError as e:
+                report.problems.append(str(e))
                 continue
             checked.add(mkey)
             for name, entry in {**m.deltas, **m.extras}.items():
@@ -259,7 +395,7 @@ class DeltaStore:
                 checked.add(entry.key)
                 try:
                     codec.read_header(self.blobs.get(entry.key))
-                except (CorruptBlob, MissingBlob, UnsupportedFormat) as e:
+                except (CorruptBlob, MissingBlob, UnsupportedFormat, ValueError, OSError) as e:
                     report.problems.append(f"{model_id}: tensor {name}: {e}")
         for key in self.blobs.iter_keys():
             report.blobs += 1

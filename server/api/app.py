@@ -86,6 +86,19 @@ class BodyLimitMiddleware:
         await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
+def _warn_registry_mismatch(store: Any) -> None:
+    """Say at startup when the registry is not the store's: the server then serves none
+    of the store's models, and uploads are refused (``RegistryMismatch``)."""
+    from storage.errors import StorageError
+
+    try:
+        problem = store.registry_problem()
+    except StorageError:  # the registry is out: /readyz says so
+        return
+    if problem:
+        log.error("registry mismatch: %s", problem)
+
+
 def _open_parts(st: AppState) -> list[Any]:
     """Build what was not given; returns the parts this app owns (closed at shutdown)."""
     owned: list[Any] = []
@@ -96,6 +109,7 @@ def _open_parts(st: AppState) -> list[Any]:
 
         st.store = DeltaStore(s.data_dir, open_registry(s.registry))
         owned.append(st.store)
+        _warn_registry_mismatch(st.store)
     if st.base is None:
         from storage.bases import resolve_base
 

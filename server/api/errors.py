@@ -39,6 +39,7 @@ from storage.errors import (
     IngestInProgress,
     InvalidModelId,
     ModelExists,
+    RegistryMismatch,
     RegistryUnavailable,
     UnknownBase,
     UnknownJob,
@@ -58,7 +59,6 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
     (BaseMismatch, 422, "invalid_request_error", "base_mismatch"),
     (BadCheckpoint, 422, "invalid_request_error", "bad_checkpoint"),
-    (UnsupportedFormat, 422, "invalid_request_error", "unsupported_format"),
     (InvalidModelId, 422, "invalid_request_error", "invalid_model_id"),
     (UnknownBase, 422, "invalid_request_error", "unknown_base"),
     (UnknownTask, 422, "invalid_request_error", "unknown_task"),
@@ -75,6 +75,9 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     # and it is not the server's fault (nginx's 499, kept out of the 5xx counts)
     (ClientDisconnect, 499, "invalid_request_error", "client_disconnected"),
     (CorruptBlob, 500, "server_error", "corrupt_blob"),
+    # a stored blob or manifest of a newer format: the store's problem, not the request's
+    (UnsupportedFormat, 500, "server_error", "unsupported_format"),
+    (RegistryMismatch, 500, "server_error", "registry_mismatch"),
     (MissingBlob, 500, "server_error", "missing_blob"),  # a registered model lost a blob
 ]
 

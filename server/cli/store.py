@@ -1,4 +1,4 @@
-"""darex CLI: store commands (add, ls, rm, gc, verify)."""
+"""darex CLI: store commands (add, ls, rm, gc, verify, rebind)."""
 
 from __future__ import annotations
 
@@ -213,13 +213,22 @@ def ls() -> None:
     """List stored fine-tunes: size, ratio vs fp16, method."""
     from storage.errors import StorageError
 
+    rows, problems = [], []
     try:
         store = _store()
-        rows = [(mid, store.manifest(mid)) for mid in store.models()]
+        for mid in store.models():
+            try:
+                rows.append((mid, store.manifest(mid)))
+            except StorageError as e:  # one broken model does not hide the others
+                problems.append(str(e))
+                rows.append((mid, None))
     except (StorageError, OSError, ValueError) as e:
         raise _fail(e) from None
     table = Table("model_id", "task", "method", "p", "q", "size", "ratio", "created")
     for mid, m in rows:
+        if m is None:
+            table.add_row(mid, "[red]unreadable[/red]", *["-"] * 6)
+            continue
         q = m.q if not isinstance(m.q, dict) else "per-layer"
         table.add_row(
             mid,
@@ -232,6 +241,10 @@ def ls() -> None:
             m.created.strftime("%Y-%m-%d %H:%M"),
         )
     print_wide(table)
+    for p in problems:
+        console.print(f"[red]problem:[/red] {p}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -291,7 +304,37 @@ def verify() -> None:
     except (StorageError, OSError, ValueError) as e:
         raise _fail(e) from None
     for p in r.problems:
-        console.print(f"[red]problem:[/red] {p}")
+        console.print(f"[red]problem:[/red] {p}", soft_wrap=True)
     console.print(f"verify: {r.models} model(s), {r.blobs} blob(s), {len(r.problems)} problem(s)")
     if not r.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def rebind(
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm: the configured registry becomes the store's.")
+    ] = False,
+) -> None:
+    """Make the configured registry the store's, when the one it was bound to is lost.
+
+    gc and uploads refuse a registry that is not the store's (a shell without
+    DAREX_REGISTRY_URL, a Redis that came back empty). When the store's registry is gone
+    for good, this adopts the configured one: blobs of models registered only in the old
+    one are unreferenced from then on, and go at the next gc.
+    """
+    from storage.errors import StorageError
+    from storage.store import shown_url
+
+    try:
+        store = _store()
+        problem = store.registry_problem()
+        if problem is None:
+            console.print(f"nothing to do: {shown_url(store.registry.url)} is the store's registry")
+            return
+        if not yes:
+            raise error_exit(problem, 1)
+        old, new = store.rebind()
+    except (StorageError, OSError, ValueError) as e:
+        raise _fail(e) from None
+    console.print(f"rebound: the store's registry is now {new} (was {old})")

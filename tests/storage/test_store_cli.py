@@ -47,3 +47,35 @@ def test_add_refuses_bad_input_with_a_message(env: Path, ft: Path) -> None:
     r = run("add", "minilm-l6", str(ft), "--method", "dare", "--base", "minilm-l6")
     assert r.exit_code == 1 and "the base's own id" in r.output, r.output
     assert "minilm-l6" not in run("ls").output  # nothing stored
+
+
+def test_gc_with_another_registry_refuses_until_rebind(
+    env: Path, ft: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The mistake the record guards against: `darex gc` from a shell whose
+    DAREX_REGISTRY_URL names another (empty) registry than the one the models live in."""
+    from server.settings import get_settings
+
+    assert run("add", "kept", str(ft), "--method", "dare", "--rate", "0.9").exit_code == 0
+    blobs = sorted(p for p in (env / "objects").rglob("*") if p.is_file())
+    monkeypatch.setenv("DAREX_REGISTRY_URL", f"sqlite:///{tmp_path / 'other.sqlite3'}")
+    get_settings.cache_clear()
+    r = run("gc", "--grace-s", "0")
+    assert r.exit_code == 1 and "RegistryMismatch" in r.output and "belongs to registry" in r.output
+    assert sorted(p for p in (env / "objects").rglob("*") if p.is_file()) == blobs
+    r = run("rebind")
+    assert r.exit_code == 1 and "darex rebind --yes" in r.output
+    r = run("rebind", "--yes")
+    assert r.exit_code == 0 and "rebound" in r.output, r.output
+    assert "nothing to do" in run("rebind").output
+    r = run("gc", "--grace-s", "0")
+    assert r.exit_code == 0 and "deleted 0 blob" not in r.output, r.output
+    monkeypatch.delenv("DAREX_REGISTRY_URL")
+    get_settings.cache_clear()
+    # the data folder's own registry, no longer the store's: its model lost its blobs to
+    # that gc, which `ls` says (exit 1) while it still lists the model
+    r = run("ls")
+    assert r.exit_code == 1 and "kept" in r.output and "unreadable" in r.output, r.output
+    assert "manifest blob" in r.output and "missing" in r.output
+    r = run("verify")
+    assert r.exit_code == 1 and "belongs to registry" in r.output

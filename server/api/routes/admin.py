@@ -32,6 +32,7 @@ from storage.errors import (
     CorruptBlob,
     IngestInProgress,
     ModelExists,
+    StorageError,
     UnknownModel,
 )
 from storage.modelid import validate_model_id
@@ -39,7 +40,7 @@ from storage.qsearch import read_calib_texts
 
 if TYPE_CHECKING:
     from storage.manifest import Manifest
-    from storage.registry import Job
+    from storage.registry import Job, Registry
     from storage.store import DeltaStore
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,15 @@ def _release(state: AppState, model_id: str, job_id: str) -> None:
             del state.ingesting[model_id]
 
 
+def _report_progress(reg: Registry, job_id: str, fraction: float, message: str) -> None:
+    """Write an ingest's progress to its job, best effort: a registry out for a moment
+    must not throw away the ingest (only its final write needs the registry)."""
+    try:
+        reg.update_job(job_id, progress=fraction, message=message)
+    except StorageError as e:
+        log.warning("job progress not recorded: %s", e, extra={"job_id": job_id})
+
+
 def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
     from storage.ingest import ingest
 
@@ -236,7 +246,7 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
             model_id,
             up.folder,
             state.base,
-            progress=lambda f, m: reg.update_job(job_id, progress=f, message=m),
+            progress=lambda f, m: _report_progress(reg, job_id, f, m),
             show_progress=False,
             max_tensors=state.settings.max_tensors,
             **opts,

@@ -1,0 +1,252 @@
+"""The store and its registry: gc and uploads against another registry are refused, errors
+of unreadable registry entries name the model, replaced blobs keep gc's grace, and the
+registry's side effects (notifications, job progress) never undo a committed change.
+Real store, real ingest (tiny BERT), real SQLite files and a real redis-server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from server.api.routes.admin import _report_progress
+from storage.bases import resolve_base
+from storage.errors import CorruptBlob, RegistryMismatch, RegistryUnavailable
+from storage.ingest import ingest
+from storage.registry import open_registry
+from storage.store import REGISTRY_ID_FILE, DeltaStore
+
+OPTS = {"method": "dare", "p": 0.9, "seed": 7, "show_progress": False}
+
+
+def _age_all(store: DeltaStore, seconds: float) -> None:
+    old = time.time() - seconds
+    for k in store.blobs.iter_keys():
+        os.utime(store.blobs.path(k), (old, old))
+
+
+def _readable(store: DeltaStore, model_id: str) -> None:
+    m = store.manifest(model_id)
+    for entry in m.deltas.values():
+        store.load_delta(entry)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def stored(request, tmp_path: Path, ft: Path, tiny_bert_dir: Path):
+    """A store with one model "prod", registered in the store's registry (SQLite file in
+    the data folder, or Redis db 0), and the URL of an empty other registry of that kind."""
+    data = tmp_path / "data"
+    if request.param == "sqlite":
+        url, other = None, f"sqlite:///{tmp_path / 'elsewhere.sqlite3'}"
+    else:
+        import redis
+
+        url = request.getfixturevalue("redis_url")
+        other = url.rsplit("/", 1)[0] + "/1"
+        for u in (url, other):
+            with redis.Redis.from_url(u) as r:
+                r.flushdb()
+    store = DeltaStore(data, url)
+    ingest(store, "prod", ft, resolve_base(str(tiny_bert_dir), data), **OPTS)
+    yield store, url, other
+    store.close()
+
+
+def test_gc_against_another_registry_deletes_nothing(stored) -> None:
+    """A gc run with the wrong (empty) registry sees no model: it must refuse, not delete
+    every blob of the models registered in the store's registry."""
+    store, _, other = stored
+    _age_all(store, 7200)  # past the grace period: an unguarded gc would take them all
+    blobs = set(store.blobs.iter_keys())
+    with DeltaStore(store.root, other) as wrong, pytest.raises(RegistryMismatch) as e:
+        wrong.gc(grace_s=0)
+    assert "DAREX_REGISTRY_URL" in str(e.value) and "darex rebind" in str(e.value)
+    assert set(store.blobs.iter_keys()) == blobs
+    _readable(store, "prod")
+    assert store.gc(grace_s=0).deleted == 0  # the store's own registry still may
+
+
+def test_an_upload_into_another_registry_is_refused(stored, ft: Path, tiny_bert_dir) -> None:
+    store, _, other = stored
+    with DeltaStore(store.root, other) as wrong:
+        with pytest.raises(RegistryMismatch, match="belongs to registry"):
+            ingest(wrong, "stray", ft, resolve_base(str(tiny_bert_dir), store.root), **OPTS)
+        assert wrong.registry.list_models() == {}
+        problems = wrong.verify().problems
+        assert problems and "belongs to registry" in problems[0]
+    assert store.verify().ok
+
+
+def test_a_registry_that_came_back_empty_is_refused_until_rebind(stored) -> None:
+    """Redis restarted without persistence (or a lost SQLite file): a new registry under
+    the same URL. gc refuses; after `rebind` it is the store's, and gc frees the blobs
+    nothing references any more."""
+    store, url, _ = stored
+    if url is None:
+        (store.root / "registry.sqlite3").unlink()
+        for suffix in ("-wal", "-shm"):
+            (store.root / f"registry.sqlite3{suffix}").unlink(missing_ok=True)
+    else:
+        import redis
+
+        with redis.Redis.from_url(url) as r:
+            r.flushdb()
+    _age_all(store, 7200)
+    with DeltaStore(store.root, url) as fresh:
+        with pytest.raises(RegistryMismatch):
+            fresh.gc(grace_s=0)
+        old, new = fresh.rebind()
+        assert old is not None and old != new
+        assert (store.root / REGISTRY_ID_FILE).read_text().strip() == new
+        assert fresh.registry_problem() is None
+        report = fresh.gc(grace_s=0)
+    assert report.deleted > 0 and list(store.blobs.iter_keys()) == []
+
+
+def test_a_store_without_a_record_is_bound_at_its_next_registration(
+    tmp_path: Path, ft: Path, tiny_bert_dir: Path
+) -> None:
+    """Stores made before the record existed keep working: gc runs as before, and the
+    first registration records the registry."""
+    store = DeltaStore(tmp_path / "data")
+    base = resolve_base(str(tiny_bert_dir), store.root)
+    ingest(store, "a", ft, base, **OPTS)
+    (store.root / REGISTRY_ID_FILE).unlink()  # as an older store has it
+    assert store.registry_problem() is None
+    assert store.gc(grace_s=0).deleted == 0
+    ingest(store, "b", ft, base, **{**OPTS, "seed": 8})
+    rid = store.registry.registry_id()
+    assert (store.root / REGISTRY_ID_FILE).read_text().strip() == rid
+    store.close()
+
+
+def test_replacing_a_model_keeps_its_old_blobs_through_the_grace_period(
+    tmp_path: Path, ft: Path, tiny_bert_dir: Path
+) -> None:
+    """A replica may still be loading the old version: its blobs are young again after the
+    replace (and after a delete), so gc's default grace keeps them; past it they go."""
+    store = DeltaStore(tmp_path / "data")
+    base = resolve_base(str(tiny_bert_dir), store.root)
+    first = ingest(store, "m", ft, base, **OPTS).manifest
+    old_keys = {store.registry.get_model("m"), *first.keys()}
+    _age_all(store, 7200)
+    ingest(store, "m", ft, base, **{**OPTS, "seed": 8}, replace=True)
+    assert old_keys <= set(store.blobs.iter_keys())
+    store.gc()  # the default grace period: one hour
+    assert old_keys <= set(store.blobs.iter_keys())
+    _age_all(store, 7200)
+    assert store.delete("m")
+    store.gc()
+    assert store.gc().deleted == 0 and set(store.blobs.iter_keys())  # deleted: young again
+    assert store.gc(grace_s=0).deleted > 0 and list(store.blobs.iter_keys()) == []
+    store.close()
+
+
+def test_a_registry_entry_that_is_not_a_blob_key_is_named(tmp_path: Path, ft, tiny_bert_dir):
+    """An entry written by another program or version: listing still works (the model is
+    listed), reading it names the model, verify reports it and gc refuses to guess."""
+    store = DeltaStore(tmp_path / "data")
+    base = resolve_base(str(tiny_bert_dir), store.root)
+    ingest(store, "good", ft, base, **OPTS)
+    store.registry.set_model("legacy", "sha256:" + "ab" * 32)
+    assert set(store.models(base.sha256)) == {"good", "legacy"}
+    with pytest.raises(CorruptBlob, match="model 'legacy': manifest sha256:ab"):
+        store.manifest("legacy")
+    problems = store.verify().problems
+    assert len(problems) == 1 and "'legacy'" in problems[0] and "not a blob key" in problems[0]
+    with pytest.raises(CorruptBlob, match="legacy"):
+        store.gc(grace_s=0)
+    _readable(store, "good")
+    store.close()
+
+
+def test_gc_never_removes_the_temp_file_of_a_write_in_flight(tmp_path: Path) -> None:
+    """`darex gc --grace-s 0` while a blob is being written: gc waits for the write, which
+    lands whole."""
+    store = DeltaStore(tmp_path / "data")
+    writing, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+    temps = store.blobs.tmp
+
+    def slow_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(temps)):
+            writing.set()
+            release.wait(10)
+        real_fsync(fd)
+
+    result: dict[str, object] = {}
+
+    def put() -> None:
+        try:
+            result["key"] = store.blobs.put(b"x" * 4096)
+        except BaseException as e:  # reported below
+            result["error"] = e
+
+    os.fsync = slow_fsync  # type: ignore[assignment]
+    try:
+        t = threading.Thread(target=put)
+        t.start()
+        assert writing.wait(10)
+        g = threading.Thread(target=lambda: result.setdefault("gc", store.gc(grace_s=0)))
+        g.start()
+        time.sleep(0.3)
+        assert g.is_alive()  # waits on the write's lock
+        release.set()
+        t.join(10)
+        g.join(10)
+    finally:
+        os.fsync = real_fsync  # type: ignore[assignment]
+    assert "error" not in result, result
+    assert store.blobs.get(result["key"]) == b"x" * 4096  # type: ignore[arg-type]
+    store.close()
+
+
+def test_a_failed_notification_does_not_undo_or_fail_a_change(redis_url: str, caplog) -> None:
+    """The change commits before it is published; a publish that fails is logged, and the
+    caller is told the change happened (a retry would hit ModelExists)."""
+    import redis
+
+    with redis.Redis.from_url(redis_url) as r:
+        r.flushdb()
+    reg = open_registry(redis_url)
+
+    def broken_publish(*_a: object) -> None:
+        raise redis.ConnectionError("connection reset")
+
+    reg._r.publish = broken_publish  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="storage.redis_registry"):
+        reg.set_model("m", "a" * 64)
+        assert reg.get_model("m") == "a" * 64
+        assert reg.delete_model("m")
+    assert reg.list_models() == {}
+    assert sum("not published" in r.getMessage() for r in caplog.records) == 2
+    reg.close()
+
+
+def test_redis_keys_this_version_cannot_read_are_named(redis_url: str) -> None:
+    import redis
+
+    with redis.Redis.from_url(redis_url) as r:
+        r.flushdb()
+        reg = open_registry(redis_url)
+        r.set("darex:models:version", "v2")
+        with pytest.raises(RegistryUnavailable, match="darex:models:version holds 'v2'"):
+            reg.version()
+        job = reg.create_job("m")
+        r.hset(f"darex:job:{job.id}", "state", "paused")
+        with pytest.raises(RegistryUnavailable, match=f"job '{job.id}'.*state"):
+            reg.get_job(job.id)
+        reg.close()
+
+
+def test_job_progress_that_cannot_be_written_does_not_stop_the_ingest(tmp_path, caplog) -> None:
+    reg = open_registry(f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    job = reg.create_job("m")
+    reg.close()  # the registry is out
+    with caplog.at_level(logging.WARNING, logger="server.api.routes.admin"):
+        _report_progress(reg, job.id, 0.5, "delta x")
+    assert any("progress not recorded" in r.getMessage() for r in caplog.records)
