@@ -54,6 +54,10 @@ class RegistryUnavailable(StorageError):
     """The registry backend (SQLite file or Redis) cannot be reached."""
 
 
+class RegistryFull(RegistryUnavailable):
+    """The SQLite registry's disk is full: a write was refused (and rolled back)."""
+
+
 class UnknownJob(StorageError, KeyError):
     """No ingest job has this id."""
 

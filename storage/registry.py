@@ -32,7 +32,13 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from pydantic import BaseModel
 
-from storage.errors import ModelExists, RegistryUnavailable, UnknownJob, UnknownModel
+from storage.errors import (
+    ModelExists,
+    RegistryFull,
+    RegistryUnavailable,
+    UnknownJob,
+    UnknownModel,
+)
 
 JobState = Literal["queued", "running", "done", "failed"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed")
@@ -153,6 +159,10 @@ def _sqlite_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as e:
+            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise RegistryFull(
+                    f"SQLite registry failed in {fn.__name__}: {e}; free space on its disk"
+                ) from e
             raise RegistryUnavailable(f"SQLite registry failed in {fn.__name__}: {e}") from e
 
     return wrapper
@@ -216,10 +226,13 @@ class SQLiteRegistry(Registry):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 counts = [self._db.execute(sql, args).rowcount for sql, args in statements]
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk): a second
+                # ROLLBACK would fail and hide the error that matters
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             return counts
 
     @_sqlite_errors

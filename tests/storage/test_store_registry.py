@@ -250,3 +250,39 @@ def test_job_progress_that_cannot_be_written_does_not_stop_the_ingest(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="server.api.routes.admin"):
         _report_progress(reg, job.id, 0.5, "delta x")
     assert any("progress not recorded" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_sqlite_registry_says_so_and_answers_507(tmp_path: Path) -> None:
+    """SQLite's "database or disk is full" is the disk's problem, not an outage: 507 with
+    the data volume's other full-disk answers, not 503 "registry unavailable"."""
+    from server.api.errors import describe
+    from storage.errors import RegistryFull
+
+    reg = open_registry(f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    pages = reg._db.execute("PRAGMA page_count").fetchone()[0]
+    reg._db.execute(f"PRAGMA max_page_count = {pages + 2}")  # a disk with two pages left
+    with pytest.raises(RegistryFull, match="free space") as e:
+        for _ in range(100):
+            reg.create_job("m", message="x" * 4096)
+    status, body = describe(e.value)
+    assert status == 507 and body["error"]["code"] == "insufficient_storage"
+    reg.close()
+
+
+def test_a_registry_that_was_full_works_again_once_there_is_room(tmp_path: Path) -> None:
+    from storage.errors import RegistryFull
+
+    reg = open_registry(f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    pages = reg._db.execute("PRAGMA page_count").fetchone()[0]
+    reg._db.execute(f"PRAGMA max_page_count = {pages + 2}")
+    n = 0
+    with pytest.raises(RegistryFull):
+        for n in range(100):  # noqa: B007  (n: the jobs written before the refusal)
+            reg.create_job("m", message="x" * 4096)
+    # the refused write left no transaction open and nothing half-written
+    assert reg._db.execute("SELECT count(*) FROM jobs").fetchone()[0] == n
+    assert reg.list_models() == {}
+    reg._db.execute("PRAGMA max_page_count = 1000000")  # space freed
+    reg.set_model("m", "a" * 64)
+    assert reg.get_model("m") == "a" * 64
+    reg.close()
