@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,3 +321,72 @@ def plan_against_base(ft: Checkpoint, base: Checkpoint) -> Plan:
     if weights := [n for n in plan.missing if base.meta[n].dtype.is_floating_point]:
         log.warning("fine-tune lacks base tensors %s; their delta is zero", weights[:5])
     return plan
+
+
+HEAD = "classifier.weight"  # the classification head the engine applies (server.engine)
+HEAD_BIAS = "classifier.bias"
+
+
+def serve_problem(
+    task: str,
+    *,
+    base_name: str,
+    arch: str,
+    tensors: Mapping[str, tuple[int, ...] | None],
+    labels: Sequence[str] | None = None,
+    hidden: int | None = None,
+    implied_by: str | None = None,
+    instead: str = "",
+) -> str | None:
+    """Why a base cannot serve a fine-tune stored with ``task``, or None.
+
+    A decoder base serves causal-lm only; an encoder base feature-extraction, and
+    sequence-classification when the fine-tune has the head the engine applies: a
+    ``classifier.weight`` of (labels, ``hidden``) (``hidden``: the base's width, None to
+    skip), one row per label of its config, and a bias of one value per row. ``tensors``:
+    the fine-tune's tensor names, with their shapes where known (None: names only).
+    ``implied_by``: where a task nobody sent came from; ``instead``: what the caller can do
+    to store it as embeddings (its own option's name), said after a refusal it implied.
+    """
+    what = repr(task) + (f" (named by the {implied_by})" if implied_by else "")
+    hint = f"; {instead}" if instead else ""
+    if arch == "decoder":
+        if task == "causal-lm":
+            return None
+        return (
+            f"task: {what} is not served by base {base_name!r}, a decoder: it serves only "
+            "'causal-lm' (/v1/completions, /v1/chat/completions)"
+        )
+    if task == "causal-lm":
+        return (
+            f"task: {what} is not served by base {base_name!r}, an encoder: it serves "
+            "'feature-extraction' (/v1/embeddings) and, for a checkpoint with a "
+            f"'{HEAD}' tensor, 'sequence-classification' (/v1/classify)"
+            + (hint if implied_by else "")
+        )
+    if task != "sequence-classification":
+        return None
+    if HEAD not in tensors:
+        return (
+            f"task: {what} needs a classification head, a '{HEAD}' tensor, in the "
+            f"checkpoint, and it has none{hint}"
+        )
+    shape = tensors[HEAD]
+    if shape is None:
+        return None
+    rows = shape[0] if len(shape) == 2 else None
+    if rows is None or rows == 0 or (hidden is not None and shape[1] != hidden):
+        width = hidden if hidden is not None else "the base's width"
+        return (
+            f"tensor '{HEAD}' has shape {list(shape)}: base {base_name!r} needs "
+            f"[labels, {width}] (its pooled output is {width} wide)"
+        )
+    if labels and len(labels) != rows:
+        return (
+            f"tensor '{HEAD}' has {rows} rows but the config's id2label names {len(labels)} "
+            f"labels ({', '.join(labels)}): one row per label"
+        )
+    bias = tensors.get(HEAD_BIAS)
+    if bias is not None and list(bias) != [rows]:
+        return f"tensor '{HEAD_BIAS}' has shape {list(bias)}: the head's {rows} rows need [{rows}]"
+    return None

@@ -28,7 +28,15 @@ from pruning.methods import method_for, prune_tensor
 from pruning.select import Selector, default_patterns
 from storage import codec
 from storage.bases import tensor_names
-from storage.checkpoint import Checkpoint, open_checkpoint, plan_against_base, read_task
+from storage.checkpoint import (
+    HEAD,
+    HEAD_BIAS,
+    Checkpoint,
+    open_checkpoint,
+    plan_against_base,
+    read_task,
+    serve_problem,
+)
 from storage.errors import BadCheckpoint, BaseMismatch, ModelExists, UnknownModel
 from storage.manifest import BaseRef, Manifest, TensorEntry
 from storage.modelid import validate_model_id
@@ -112,6 +120,36 @@ def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
         fp16_bytes=2 * sum(m.numel for m in ft.meta.values() if m.dtype.is_floating_point),
         check=check,
     )
+
+
+_TASK_FROM = {"lora": "task_type in adapter_config.json", "full": "architectures in config.json"}
+
+
+def _check_servable(
+    source: Source,
+    base: BaseLike,
+    base_ckpt: Checkpoint,
+    task: str | None,
+    labels: list[str] | None,
+) -> None:
+    """Refuse, before a blob is written, a fine-tune the base could not serve: a task of
+    the other architecture, a classification head that is missing, of the wrong width or
+    with another count of rows than labels (``storage.checkpoint.serve_problem``)."""
+    hidden = base_ckpt.config.get("hidden_size")
+    heads = {n: tuple(source.extras[n]().shape) for n in (HEAD, HEAD_BIAS) if n in source.extras}
+    why = serve_problem(
+        task or source.task,
+        base_name=base.name,
+        arch=base.arch,
+        tensors={**dict.fromkeys([*source.deltas, *source.extras]), **heads},
+        labels=labels if labels is not None else source.labels,
+        hidden=hidden if isinstance(hidden, int) else None,
+        implied_by=None if task else _TASK_FROM[source.kind],
+        instead="store it with task feature-extraction (`darex add --task`, the upload's task "
+        "field) to serve it on /v1/embeddings",
+    )
+    if why:
+        raise BadCheckpoint(why)
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
@@ -301,6 +339,7 @@ def ingest(
     # checkpoint leaves the store exactly as it was.
     report(0.01, "checking values")
     source.validate()
+    _check_servable(source, base, base_ckpt, task, labels)
     selector = selector or default_patterns(base.arch)
     rate = DEFAULT_RATE if p is None else float(p)
     reason = "given"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -19,6 +19,7 @@ from storage.errors import CorruptBlob, UnsupportedFormat
 
 MANIFEST_FORMAT = 1
 Task = Literal["causal-lm", "sequence-classification", "feature-extraction"]
+TASKS: tuple[str, ...] = get_args(Task)
 
 
 class BaseRef(BaseModel):

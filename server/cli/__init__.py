@@ -43,6 +43,22 @@ def error_exit(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def file_problem(path: Path) -> str | None:
+    """What is wrong with a text file an option names (a folder, missing, unreadable, not
+    UTF-8), or None: the one wording of this check for every command."""
+    if path.is_dir():
+        return f"{path} is a folder; give a file"
+    try:
+        path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except UnicodeDecodeError as e:
+        return f"{path} is not UTF-8 text (byte {e.start}: {e.reason})"
+    except OSError as e:
+        return f"{path} cannot be read: {e.strerror or e}"
+    return None
+
+
 def rate_problem(*rates: float) -> str | None:
     """What is wrong with pruning rates outside [0, 1) (NaN too), or None when all fit: the
     one wording of this check for every command."""

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from server.cli import app, print_wide, rate_problem
+from server.cli import app, file_problem, print_wide, rate_problem
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,8 @@ def _parse_q(q: str | None) -> float | str | None:
 
 
 def _check_file(path: Path | None, option: str) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise typer.BadParameter(f"{option} {path} is a folder; give a file")
-    if not path.is_file():
-        raise typer.BadParameter(f"{option} {path}: no such file")
+    if path is not None and (why := file_problem(path)):
+        raise typer.BadParameter(f"{option} {why}")
 
 
 def _check_patterns(include: list[str] | None, exclude: list[str] | None) -> None:

@@ -10,7 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli import app, check_data_dir, cli_settings, error_exit, print_wide, rate_problem
+from server.cli import (
+    app,
+    check_data_dir,
+    cli_settings,
+    error_exit,
+    file_problem,
+    print_wide,
+    rate_problem,
+)
 
 if TYPE_CHECKING:
     from storage.store import DeltaStore
@@ -145,6 +153,13 @@ def add(
     ] = "auto",
     values: Annotated[str, typer.Option(help="float16, bfloat16, float32 or int8.")] = "float16",
     base: Annotated[str | None, typer.Option(help="Base (default DAREX_BASE).")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="feature-extraction, sequence-classification or causal-lm (default: the "
+            "one the checkpoint's config names)."
+        ),
+    ] = None,
     replace: Annotated[bool, typer.Option(help="Replace an existing model_id.")] = False,
 ) -> None:
     """Prune a fine-tune against the base and store it as a sparse delta."""
@@ -157,15 +172,22 @@ def add(
 
     s = cli_settings()
     method = _check_add_options(method, rate, s.default_rate, q, encoding, values, calib, val)
+    from storage.manifest import TASKS
+
+    if task is not None and task not in TASKS:
+        raise error_exit(f"--task: {task!r} is not one of {', '.join(TASKS)}", 2)
+    for option, file in (("--calib", calib), ("--val", val)):
+        if file is not None and (why := file_problem(file)):
+            raise error_exit(f"{option}: {why}", 2)
     store = _store(create=True)
     try:
         texts = rows = None
         if calib is not None:
-            texts = read_calib_texts(calib.read_text())
+            texts = read_calib_texts(calib.read_text(encoding="utf-8"))
             if not texts:
                 raise ValueError(f"{calib} holds no calibration text")
         if val is not None:
-            rows = read_labeled(val.read_text(), source=str(val))
+            rows = read_labeled(val.read_text(encoding="utf-8"), source=str(val))
         try:
             info = resolve_base(base or s.base, s.data_dir)
         except (UnknownBase, BadCheckpoint) as e:  # a usage error: --base / DAREX_BASE
@@ -191,6 +213,7 @@ def add(
             max_tensors=s.max_tensors,
             calib_texts=texts,
             val=rows,
+            task=task,
         )
     except ModelExists as e:
         raise error_exit(f"{type(e).__name__}: {e} (use --replace to overwrite)") from None

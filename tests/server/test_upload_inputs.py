@@ -414,6 +414,31 @@ def test_task_the_encoder_base_cannot_serve_is_422(
     refused(bert, r, 422, "invalid_request", "task", *words, jobs_before=jobs, model_id="odd-task")
 
 
+@pytest.mark.parametrize(
+    ("head", "words"),
+    [
+        ({"classifier.weight": torch.zeros(2, 7)}, ("[2, 7]", "[labels, 64]")),
+        ({"classifier.weight": torch.zeros(4, 64)}, ("4 rows", "3 labels")),
+    ],
+    ids=["width", "rows"],
+)
+def test_a_head_the_encoder_base_cannot_apply_is_422(
+    bert: TestClient, bert_cls_ft: Path, tmp_path: Path, head: dict, words: tuple[str, ...]
+) -> None:
+    """A classifier the engine could not apply (it would answer 500 at the first
+    /v1/classify) is refused before a job exists, naming the tensor."""
+    from safetensors.torch import load_file
+
+    sd = load_file(bert_cls_ft / "model.safetensors")
+    sd.pop("classifier.bias", None)
+    save_file({**sd, **head}, tmp_path / "model.safetensors")
+    files = _files(
+        bert_cls_ft, **{"model.safetensors": (tmp_path / "model.safetensors").read_bytes()}
+    )
+    r, jobs = post(bert, {"model_id": "odd-head"}, files)
+    refused(bert, r, 422, "invalid_request", "task", "classifier.weight", *words, jobs_before=jobs)
+
+
 @pytest.mark.parametrize("task", ["sequence-classification", "feature-extraction"])
 def test_task_the_decoder_base_cannot_serve_is_422(
     llama: TestClient, llama_ft: Path, task: str

@@ -35,10 +35,13 @@ from storage.errors import (
     StorageError,
     UnknownModel,
 )
+from storage.manifest import TASKS
 from storage.modelid import validate_model_id
 from storage.qsearch import read_calib_texts
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from storage.manifest import Manifest
     from storage.registry import Job, Registry
     from storage.store import DeltaStore
@@ -46,9 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
-HEAD = "classifier.weight"  # the classification head the engine applies (server.engine)
 METHODS = ("dare", "darex_q", "magnitude", "wanda", "structural")
-TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
 
 
 def _number_field(up: Upload, name: str) -> float | None:
@@ -129,7 +130,8 @@ def _precheck(state: AppState, folder: Path, task: str | None) -> None:
             return
         from storage.lora import adapter_name
 
-        names = {adapter_name(n) for n in raw}  # as storage.lora.read_adapter names them
+        # as storage.lora.read_adapter names them; shapes are checked by the ingest
+        names = dict.fromkeys(adapter_name(n) for n in raw)
         if task is None:
             _check_task(state, _lora_task(folder), names, "task_type in adapter_config.json")
         else:
@@ -140,11 +142,12 @@ def _precheck(state: AppState, folder: Path, task: str | None) -> None:
     if state.base is None:
         return
     plan_against_base(ckpt, open_checkpoint(state.base.path))
+    implied, labels = read_task(ckpt.config)
+    shapes = {n: tuple(m.shape) for n, m in ckpt.meta.items()}
     if task is None:
-        implied = read_task(ckpt.config)[0]
-        _check_task(state, implied, set(ckpt.meta), "architectures in config.json")
+        _check_task(state, implied, shapes, "architectures in config.json", labels)
     else:
-        _check_task(state, task, set(ckpt.meta))
+        _check_task(state, task, shapes, labels=labels)
 
 
 def _lora_task(folder: Path) -> str:
@@ -161,33 +164,30 @@ def _lora_task(folder: Path) -> str:
     return lora_task(cfg)
 
 
-def _check_task(state: AppState, task: str, names: set[str], implied_by: str | None = None) -> None:
-    """Refuse a task the base cannot serve: a decoder base serves causal-lm only; an encoder
-    base feature-extraction, and sequence-classification when the upload has the head the
-    engine applies (``classifier.weight``). ``implied_by``: where a task not sent came from."""
-    base_id, arch = state.base_id, state.base.arch
-    what = repr(task) + (f" (named by the {implied_by})" if implied_by else "")
-    instead = "send task=feature-extraction to serve it on /v1/embeddings"
-    if arch == "decoder" and task != "causal-lm":
-        raise InvalidRequest(
-            f"task: {what} is not served by base {base_id!r}, a decoder: it serves only "
-            "'causal-lm' (/v1/completions, /v1/chat/completions)",
-            field="task",
-        )
-    if arch != "decoder" and task == "causal-lm":
-        raise InvalidRequest(
-            f"task: {what} is not served by base {base_id!r}, an encoder: it serves "
-            "'feature-extraction' (/v1/embeddings) and, for a checkpoint with a "
-            f"'{HEAD}' tensor, 'sequence-classification' (/v1/classify)"
-            + (f"; {instead}" if implied_by else ""),
-            field="task",
-        )
-    if arch != "decoder" and task == "sequence-classification" and HEAD not in names:
-        raise InvalidRequest(
-            f"task: {what} needs a classification head, a '{HEAD}' tensor, in the "
-            f"checkpoint, and the upload has none; {instead}",
-            field="task",
-        )
+def _check_task(
+    state: AppState,
+    task: str,
+    tensors: Mapping[str, tuple[int, ...] | None],
+    implied_by: str | None = None,
+    labels: list[str] | None = None,
+) -> None:
+    """Refuse a task the base cannot serve, or a classification head it could not apply
+    (``storage.checkpoint.serve_problem``), before a job exists: a 422 naming the field."""
+    from storage.checkpoint import open_checkpoint, serve_problem
+
+    hidden = open_checkpoint(state.base.path).config.get("hidden_size")
+    why = serve_problem(
+        task,
+        base_name=state.base_id,
+        arch=state.base.arch,
+        tensors=tensors,
+        labels=labels,
+        hidden=hidden if isinstance(hidden, int) else None,
+        implied_by=implied_by,
+        instead="send task=feature-extraction to serve it on /v1/embeddings",
+    )
+    if why:
+        raise InvalidRequest(why, field="task")
 
 
 def _hide_upload_path(text: str, up: Upload) -> str:
