@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "change-me"
 REGISTRY_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -33,30 +34,36 @@ class Settings(BaseSettings):
         "", description="sqlite:///path or redis://host:port/db; empty = SQLite in data_dir."
     )
     registry_ttl_s: float = Field(
-        2.0, description="How long a replica trusts its cached registry lookups."
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="How long a replica trusts its cached registry lookups.",
     )
     device_cache_bytes: int = Field(
-        1 << 30, description="Budget for decoded deltas kept on the device."
+        1 << 30, ge=0, description="Budget for decoded deltas kept on the device."
     )
-    host_cache_bytes: int = Field(4 << 30, description="Budget for decoded deltas in host memory.")
+    host_cache_bytes: int = Field(
+        4 << 30, ge=0, description="Budget for decoded deltas in host memory."
+    )
     admin_token: SecretStr = Field(
         SecretStr(DEFAULT_ADMIN_TOKEN), description="Bearer token for /admin."
     )
     api_key: SecretStr | None = Field(
         None, description="Optional bearer token for inference endpoints."
     )
-    max_upload_bytes: int = Field(2 << 30, description="Largest accepted upload.")
-    max_tensors: int = Field(10_000, description="Most tensors accepted in one checkpoint.")
+    max_upload_bytes: int = Field(2 << 30, gt=0, description="Largest accepted upload.")
+    max_tensors: int = Field(10_000, ge=1, description="Most tensors accepted in one checkpoint.")
     job_stale_s: float = Field(
         120.0,
         gt=0,
+        allow_inf_nan=False,
         description="An ingest job silent this long was interrupted and reads as failed.",
     )
-    max_batch_size: int = Field(8, description="Requests of one model run together.")
+    max_batch_size: int = Field(8, ge=1, description="Requests of one model run together.")
     max_batches_per_turn: int = Field(
-        4, description="Batches of the active model before a waiting model gets the engine."
+        4, ge=1, description="Batches of the active model before a waiting model gets the engine."
     )
-    max_new_tokens: int = Field(512, description="Upper bound on max_tokens per request.")
+    max_new_tokens: int = Field(512, ge=1, description="Upper bound on max_tokens per request.")
     default_rate: float = Field(
         0.99,
         ge=0.0,
@@ -65,11 +72,13 @@ class Settings(BaseSettings):
         description="Pruning rate used when an upload names none (0 <= p < 1).",
     )
     ray_models: int = Field(
-        8, description="Fine-tunes one Ray Serve replica keeps resident (model multiplexing)."
+        8, ge=1, description="Fine-tunes one Ray Serve replica keeps resident (model multiplexing)."
     )
     host: str = Field("127.0.0.1", description="Bind address of `darex serve`.")
     port: int = Field(8000, ge=0, le=65535, description="Port of `darex serve` (0 to 65535).")
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: str = Field(
+        "INFO", description="Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."
+    )
     log_json: bool = Field(True, description="One JSON object per log line.")
 
     @field_validator("api_key", mode="before")
@@ -100,6 +109,30 @@ class Settings(BaseSettings):
                 "should be empty (SQLite in the data dir), sqlite:///path or "
                 "redis://host:port/db (rediss://, unix:// too)"
             )
+        if v.startswith(("redis://", "rediss://", "unix://")):
+            from redis.connection import parse_url
+
+            try:
+                parse_url(v)
+            except ValueError as e:  # a port that is not a number, a bad db, ...
+                raise ValueError(f"is not a Redis URL redis-py can use: {e}") from None
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        level = v.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"should be one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_not_blank(cls, v: object) -> object:
+        """``DAREX_DATA_DIR=`` would be the current folder: a store made wherever the
+        command runs."""
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("should be a folder path, not empty (unset it for ~/.darex)")
         return v
 
     def check_serving(self) -> None:

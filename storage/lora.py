@@ -13,6 +13,7 @@ dense in ``extras``. DoRA, LoRA biases and convolution LoRA are refused with
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,38 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise BadCheckpoint(f"{path}: DoRA adapters are not supported")
     if cfg.get("lora_bias"):
         raise BadCheckpoint(f"{path}: LoRA adapters with trained biases are not supported")
+    _check_numbers(cfg, path)
     return cfg
+
+
+def _is_number(v: Any, *, integer: bool = False) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return float(v).is_integer() if integer else math.isfinite(v)
+
+
+def _check_numbers(cfg: dict[str, Any], path: Path) -> None:
+    """The fields the scale r and alpha come from, as PEFT writes them: a bad one is a
+    ``BadCheckpoint`` naming it, not a TypeError deep in the ingest."""
+    for key, integer, default in (("r", True, 8), ("lora_alpha", False, 8)):
+        v = cfg.get(key, default)
+        if not _is_number(v, integer=integer) or v <= 0:
+            kind = "an integer" if integer else "a number"
+            raise BadCheckpoint(f'{path}: "{key}" must be {kind} > 0, got {json.dumps(v)}')
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise BadCheckpoint(
+                f'{path}: "{key}" must be an object of module pattern -> number, '
+                f"got {type(patterns).__name__}"
+            )
+        for pattern, v in patterns.items():
+            if not _is_number(v, integer=integer) or v <= 0:
+                raise BadCheckpoint(f'{path}: "{key}" {pattern!r}: {json.dumps(v)} is not > 0')
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise BadCheckpoint(f'{path}: "{key}" {pattern!r} is not a pattern: {e}') from None
 
 
 def read_adapter(folder: Path | str) -> LoraAdapter:

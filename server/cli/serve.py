@@ -16,18 +16,29 @@ def serve(
         None, min=0, max=65535, help="Port, 0 = any free one (default: DAREX_PORT, 8000)."
     ),
     ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve model multiplexing."),
-    replicas: int = typer.Option(1, help="Ray Serve replicas (with --ray)."),
+    replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
     ray_address: str = typer.Option(
         None, help="Ray cluster address (with --ray); default: start a local instance."
     ),
 ) -> None:
     """Serve the resident base and every stored fine-tune over HTTP (OpenAI-compatible).
 
-    Bad settings, a taken port and an unknown DAREX_BASE are refused before the base loads.
+    Bad settings, a taken port, an unknown DAREX_BASE, a registry that cannot be opened and
+    DAREX_DEVICE=cuda without a CUDA device are refused before the base loads.
     """
+    try:
+        _serve(host, port, ray, replicas, ray_address)
+    except KeyboardInterrupt:  # Ctrl-C before uvicorn took over its signals
+        raise typer.Exit(130) from None
+
+
+def _serve(
+    host: str | None, port: int | None, ray: bool, replicas: int, ray_address: str | None
+) -> None:
     from server.logging import setup_logging
     from storage.bases import resolve_base
     from storage.errors import StorageError
+    from storage.registry import open_registry
 
     settings = cli_settings()
     try:
@@ -41,8 +52,18 @@ def serve(
                 "port": port if port is not None else settings.port,
             }
         )
+    if settings.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise error_exit("DAREX_DEVICE is cuda, but torch sees no CUDA device here", 2)
     check_data_dir(settings.data_dir, create=True)
     check_port_free(settings.host, settings.port)
+    try:  # SQLite: a file that is not a database; Redis: nothing is sent yet
+        open_registry(settings.registry).close()
+    except (StorageError, ValueError) as e:
+        where = "DAREX_REGISTRY_URL" if settings.registry_url else "the registry in DAREX_DATA_DIR"
+        raise error_exit(f"{where}: {type(e).__name__}: {e}", 1) from None
     try:
         info = resolve_base(settings.base, settings.data_dir)
     except (StorageError, ValueError) as e:  # UnknownBase, BadCheckpoint: DAREX_BASE

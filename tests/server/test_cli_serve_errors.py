@@ -56,6 +56,15 @@ def free_port() -> int:
         ("DAREX_ENV", "prod", "'production' or 'development'"),
         ("DAREX_REGISTRY_URL", "bogus", "sqlite:///"),
         ("DAREX_DEFAULT_RATE", "nan", "finite"),
+        # each of these passed `darex config` and crashed `darex serve` after the base loaded
+        ("DAREX_LOG_LEVEL", "BOGUS", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("DAREX_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
+        ("DAREX_REGISTRY_TTL_S", "nan", "finite"),
+        ("DAREX_REGISTRY_TTL_S", "0", "greater than 0"),
+        ("DAREX_REGISTRY_URL", "redis://:notaport/0", "Port could not be cast"),
+        ("DAREX_MAX_TENSORS", "-5", "greater than or equal to 1"),
+        ("DAREX_HOST_CACHE_BYTES", "-1", "greater than or equal to 0"),
+        ("DAREX_DATA_DIR", "", "not empty"),
     ],
 )
 @pytest.mark.parametrize("cmd", ["config", "serve"])
@@ -147,3 +156,29 @@ def test_serve_hands_the_resolved_base_to_the_app(calls: dict, tiny_bert_dir: Pa
     assert calls["run"] == [
         {"host": "127.0.0.1", "port": port, "log_config": None, "access_log": False}
     ]
+
+
+def test_serve_refuses_a_registry_file_that_is_not_a_database(calls: dict, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "registry.sqlite3").write_text("not a database " * 20)
+    r = run("serve")
+    assert r.exit_code == 1, r.output
+    line = one_line(r.output)
+    assert "registry in DAREX_DATA_DIR" in line and "file is not a database" in line, line
+    assert not calls["create_app"] and not calls["run"]
+
+
+def test_serve_refuses_cuda_where_there_is_none(calls: dict, monkeypatch) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("DAREX_DEVICE", "cuda")
+    r = run("serve")
+    assert r.exit_code == 2 and "DAREX_DEVICE is cuda" in one_line(r.output), r.output
+    assert not calls["create_app"]
+
+
+def test_log_level_is_taken_in_any_case() -> None:
+    assert Settings(log_level="debug").log_level == "DEBUG"

@@ -140,3 +140,34 @@ def test_darex_add_names_the_option_of_a_file_it_cannot_read(
     why = {"missing": "no such file", "folder": "is a folder", "binary": "is not UTF-8"}[kind]
     assert r.exit_code == 2 and f"{option}: " in r.output and why in r.output, r.output
     assert not (env / "objects").exists()  # refused before the store is touched
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"lora_alpha": None}, '"lora_alpha" must be a number > 0, got null'),
+        ({"r": None}, '"r" must be an integer > 0, got null'),
+        ({"r": 2.5}, '"r" must be an integer > 0, got 2.5'),
+        ({"r": True}, '"r" must be an integer > 0, got true'),
+        ({"lora_alpha": -4}, '"lora_alpha" must be a number > 0, got -4'),
+        ({"rank_pattern": ["query"]}, '"rank_pattern" must be an object'),
+        ({"alpha_pattern": {"query": "x"}}, '"alpha_pattern" \'query\': "x" is not > 0'),
+        ({"rank_pattern": {"(": 2}}, "\"rank_pattern\" '(' is not a pattern"),
+    ],
+)
+def test_a_lora_config_with_bad_numbers_is_a_bad_checkpoint_naming_the_field(
+    tmp_path: Path, fields: dict, words: str
+) -> None:
+    """PEFT writes these fields; a hand-edited or foreign config got a TypeError before."""
+    from storage.lora import read_adapter
+
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, **fields}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    key = "base_model.model.encoder.layer.0.attention.self.query"
+    save_file(
+        {f"{key}.lora_A.weight": torch.zeros(2, 8), f"{key}.lora_B.weight": torch.zeros(8, 2)},
+        tmp_path / "adapter_model.safetensors",
+    )
+    with pytest.raises(BadCheckpoint) as e:
+        read_adapter(tmp_path)
+    assert words in str(e.value)
