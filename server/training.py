@@ -370,6 +370,12 @@ def check_out_dir(out: Path | str, base_dir: Path | str | None = None) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise FinetuneError(f"--out {out}: {parent} is a file, not a folder")
+    # found now, not when the checkpoint is written after the training
+    where = out if out.is_dir() else parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".darex-write-check-", dir=where))
+    except OSError as e:
+        raise FinetuneError(f"--out {out}: cannot write in {where} ({e.strerror or e})") from None
 
 
 # Settings that leave the trained weights as they are: where it ran (a fine-tune made on a

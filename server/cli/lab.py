@@ -107,6 +107,15 @@ def reproduce(
         ) from None
     if why := rate_problem(*given_rates):
         raise typer.BadParameter(why, param_hint="--rates")
+    if out is not None and out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file; give a folder", param_hint="--out")
+    if report_only and out is None:
+        raise typer.BadParameter("--report-only writes the report: give --out DIR")
+    if report_only and (only or part or methods or rates):
+        raise typer.BadParameter(
+            "--report-only rebuilds the report from every row in --work (and --out's "
+            "records); --only, --part, --methods and --rates choose what a run runs"
+        )
     s = cli_settings()
     t0 = time.perf_counter()
     try:
@@ -226,6 +235,11 @@ def demo(
 
     if why := rate_problem(rate):
         raise error_exit(f"--rate: {why}", 2)
+    from storage.tasks import list_tasks
+
+    if bad := [t for t in task if t not in list_tasks()]:
+        known = ", ".join(list_tasks())
+        raise error_exit(f"--task: unknown task(s) {bad}; known tasks: {known}", 2)
     if not os.environ.get("DAREX_ADMIN_TOKEN"):
         os.environ.setdefault("DAREX_ENV", "development")
     s = cli_settings(Settings)

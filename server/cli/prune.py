@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from server.cli import app, file_problem, print_wide, rate_problem
+from server.cli import app, error_exit, file_problem, print_wide, rate_problem
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def _open_pair(base: str, finetuned: Path, data_dir: Path):
 
 
 def _fail(e: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
-    return typer.Exit(1)
+    """One ``error: <Type>: <message>`` line on stderr (never wrapped); exit 1."""
+    return error_exit(f"{type(e).__name__}: {e}")
 
 
 def _errors() -> tuple[type[Exception], ...]:
@@ -267,12 +267,23 @@ def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
     import transformers
 
     from pruning.calib import capture
+    from storage.errors import BadCheckpoint
 
     cfg = json.loads((finetuned / "config.json").read_text())
     cls_name = (cfg.get("architectures") or ["AutoModel"])[0]
-    cls = getattr(transformers, cls_name, transformers.AutoModel)
-    model = cls.from_pretrained(finetuned, dtype=torch.float32).eval()
-    return capture(model, tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
+    cls = getattr(transformers, str(cls_name), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    model, info = cls.from_pretrained(finetuned, dtype=torch.float32, output_loading_info=True)
+    missing, total = len(info.get("missing_keys") or ()), len(model.state_dict())
+    if total and missing > total // 2:
+        # a model class the weights are not for: calibrating its random weights would
+        # measure nothing of the fine-tune (and WANDA would fall back to magnitude)
+        raise BadCheckpoint(
+            f"{finetuned / 'config.json'} names {cls_name}, but {missing} of its {total} "
+            "weights are not in the checkpoint: the config does not describe these weights"
+        )
+    return capture(model.eval(), tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
 
 
 def _copy_side_files(folders: list[Path], out: Path) -> None:
@@ -433,9 +444,17 @@ def prune(
         if val is not None and q_mode != "labeled":
             raise typer.BadParameter("--val is read by --q labeled only")
         needs_calib = m is Method.wanda or (isinstance(q_mode, str) and q_mode != "labeled")
+        which = f"--method {method}" if q is None else f"--method {method} --q {q}"
         if needs_calib and calib is None:
-            which = f"--method {method}" if q is None else f"--method {method} --q {q}"
             raise typer.BadParameter(f"{which} needs --calib FILE")
+        runs_finetune = m is Method.wanda or q_mode in ("auto", "analytical")
+        if runs_finetune and not (Path(finetuned) / "config.json").is_file():
+            raise typer.BadParameter(
+                f"{which} measures the fine-tune's own layer inputs on --calib: give its "
+                "folder with config.json, not a bare weights file"
+            )
+        if not (math.isfinite(eta) and eta > 0):
+            raise typer.BadParameter(f"--eta must be a finite number > 0, got {eta}")
         base_dir, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
         _check_out(out, Path(finetuned), Path(base_dir))
         sel = make_selector(arch, include, exclude)

@@ -280,8 +280,7 @@ def rm(model_id: Annotated[str, typer.Argument(help="Model to delete.")]) -> Non
     except (StorageError, OSError, ValueError) as e:
         raise _fail(e) from None
     if not gone:
-        console.print(f"[red]error:[/red] model {model_id!r} is not registered")
-        raise typer.Exit(1)
+        raise error_exit(f"model {model_id!r} is not registered")
     console.print(f"removed {model_id}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -33,15 +34,22 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--rates", "-0.1"], "[0, 1), got -0.1"),
         (["--rates", "nan"], "[0, 1), got nan"),
         (["--base", "nosuchbase"], "unknown base 'nosuchbase'"),
+        (["--report-only"], "give --out DIR"),
+        (["--out", "FILE", "--report-only"], "is a file; give a folder"),
+        (["--report-only", "--out", "OUT", "--only", "arith"], "choose what a run runs"),
+        (["--report-only", "--out", "OUT", "--methods", "foo"], "choose what a run runs"),
     ],
 )
 def test_reproduce_refuses_bad_rates_and_bases_before_any_work(
     args: list[str], says: str, tmp_path: Path
 ) -> None:
     work = tmp_path / "work"
-    r = run("reproduce", "--work", str(work), *args)
+    (tmp_path / "file").write_text("a file")
+    paths = {"FILE": str(tmp_path / "file"), "OUT": str(tmp_path / "out")}
+    r = run("reproduce", "--work", str(work), *[paths.get(a, a) for a in args])
     assert r.exit_code == 2, r.output
-    assert args[0] in r.output and says in " ".join(r.output.split()), r.output
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split())  # rich's box taken out
+    assert args[0] in r.output and says in flat, r.output
     assert "Traceback" not in r.output
     assert not work.exists()
 
@@ -68,6 +76,15 @@ def test_demo_refuses_an_unknown_base_in_one_line(data_dir: Path) -> None:
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --base: UnknownBase: unknown base")
     assert not (data_dir / "registry.sqlite3").exists()
+
+
+def test_demo_refuses_an_unknown_task_before_the_store(data_dir: Path) -> None:
+    r = demo("--task", "nosuch")
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --task: unknown task(s) ['nosuch']")
+    assert "rt-sentiment" in lines[0]
+    assert not data_dir.exists()
 
 
 @pytest.mark.parametrize("rate", ["1.5", "-0.5", "nan"])

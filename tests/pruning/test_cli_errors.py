@@ -88,6 +88,8 @@ def test_inspect_refuses_a_negative_limit(tiny_bert_dir: Path, bert_ft: Path, no
         (["--method", "darex_q", "--q", "labeled", "--val", "MISSING"], "--val MISSING"),
         (["--include", "re:("], "bad tensor pattern 're:('"),
         (["--method", "nope"], "unknown method 'nope'; methods: dare, darex_q"),
+        (["--method", "darex_q", "--q", "analytical", "--calib", "CALIB", "--eta", "nan"], "--eta"),
+        (["--method", "darex_q", "--q", "analytical", "--calib", "CALIB", "--eta", "0"], "--eta"),
     ],
 )
 def test_prune_bad_values_exit_2_before_any_work(
@@ -106,6 +108,41 @@ def test_prune_bad_values_exit_2_before_any_work(
     assert code == 2, text
     assert expect in text
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("how", [["--method", "wanda"], ["--method", "darex_q", "--q", "auto"]])
+def test_calibration_of_a_bare_weights_file_is_refused_up_front(
+    tiny_bert_dir: Path, bert_ft: Path, calib_file: Path, tmp_path: Path, no_scan, how: list
+) -> None:
+    """WANDA and the per-layer q run the fine-tune itself: a lone .safetensors file has no
+    config to build it from (this was a NotADirectoryError after the scan)."""
+    ft = bert_ft / "model.safetensors"
+    code, text = _invoke(
+        "prune", tiny_bert_dir, ft, *how, "--calib", calib_file, "-o", tmp_path / "o"
+    )
+    assert code == 2 and "give its folder with config.json" in text, text
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_config_that_does_not_describe_the_weights_is_refused(
+    tiny_bert_dir: Path, bert_ft: Path, calib_file: Path, tmp_path: Path
+) -> None:
+    """WANDA on a model class the weights are not for measured a random model and fell back
+    to magnitude everywhere, exit 0; now the mismatch is named, and nothing is written."""
+    import json
+
+    ft = tmp_path / "ft"
+    shutil.copytree(bert_ft, ft)
+    cfg = json.loads((ft / "config.json").read_text())
+    (ft / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertLMHeadModel"]}))
+    sd = load_file(ft / "model.safetensors")
+    save_file({f"x.{k}": v for k, v in sd.items()}, ft / "model.safetensors")  # other names
+    out = tmp_path / "o"
+    code, text = _invoke(
+        "prune", tiny_bert_dir, ft, "--method", "wanda", "--calib", calib_file, "-o", out
+    )
+    assert code == 1 and "BadCheckpoint" in text and "names BertLMHeadModel" in text, text
+    assert not out.exists()
 
 
 def test_wanda_without_calib_names_no_q(tiny_bert_dir: Path, bert_ft: Path, tmp_path) -> None:

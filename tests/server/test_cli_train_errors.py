@@ -205,3 +205,12 @@ def test_other_failures_print_one_line(
     lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert lines == ["error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]
     assert not (tmp_path / "o").exists()
+
+
+def test_out_where_nothing_can_be_written_is_refused_before_training(
+    tiny_bert_dir: Path, tmp_path: Path, no_training: None
+) -> None:
+    """/proc takes no new folder, even from root: found before the base loads, not after
+    the training when the checkpoint is written."""
+    code, text = _run(tiny_bert_dir, Path("/proc/darex-out"), data_dir=tmp_path)
+    assert code == 2 and "--out /proc/darex-out: cannot write in /proc" in text, text
