@@ -42,7 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from server.api.app import MAX_JSON_BYTES, BodyLimitMiddleware
+from server.api.app import MAX_JSON_BYTES, BodyLimitMiddleware, bind_store
 from server.api.auth import check_token
 from server.api.errors import (
     describe,
@@ -96,6 +96,7 @@ class Runtime:
         self.base_name = base.name
         self.registry = open_registry(settings.registry)
         self.store = DeltaStore(settings.data_dir, self.registry)
+        bind_store(self.store)
         self.engine = Engine.load(base, self.store, settings)
         self.scheduler = Scheduler(
             self.engine,

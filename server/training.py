@@ -370,8 +370,11 @@ def check_out_dir(out: Path | str, base_dir: Path | str | None = None) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise FinetuneError(f"--out {out}: {parent} is a file, not a folder")
-    # found now, not when the checkpoint is written after the training
-    where = out if out.is_dir() else parent
+    # found now, not when the checkpoint is written after the training: it is written in a
+    # temporary folder beside --out, then renamed into place
+    where = out.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".darex-write-check-", dir=where))
     except OSError as e:

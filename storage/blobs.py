@@ -56,7 +56,7 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -117,7 +117,7 @@ class BlobStore:
                 return key
             if not dst.parent.is_dir():
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(self.objects)  # the new shard folder survives a power loss
+                fsync_dir(self.objects)  # the new shard folder survives a power loss
             tmp = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
             try:
                 with open(tmp, "wb") as f:
@@ -129,7 +129,7 @@ class BlobStore:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
         return key
 
     def _reuse(self, key: str, dst: Path, data: bytes) -> bool:

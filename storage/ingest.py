@@ -122,7 +122,39 @@ def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
     )
 
 
-_TASK_FROM = {"lora": "task_type in adapter_config.json", "full": "architectures in config.json"}
+TASK_FROM = {"lora": "task_type in adapter_config.json", "full": "architectures in config.json"}
+
+
+def default_task(arch: str, task: str | None) -> str | None:
+    """The task to store a fine-tune with when none is given: causal-lm on a decoder base
+    (all it serves; a LoRA adapter need not say), else None (the checkpoint's config)."""
+    return "causal-lm" if task is None and arch == "decoder" else task
+
+
+def servable_problem(
+    base: BaseLike,
+    base_config: Mapping[str, Any],
+    task: str | None,
+    implied: str,
+    kind: str,
+    tensors: Mapping[str, tuple[int, ...] | None],
+    labels: Sequence[str] | None,
+    instead: str,
+) -> str | None:
+    """``storage.checkpoint.serve_problem`` for a fine-tune of ``base`` (its config gives
+    the head's width): ``task`` as given (``default_task``), else ``implied``, the one the
+    checkpoint's own config names (``kind``: full or lora, to say which file)."""
+    hidden = base_config.get("hidden_size")
+    return serve_problem(
+        task or implied,
+        base_name=base.name,
+        arch=base.arch,
+        tensors=tensors,
+        labels=labels,
+        hidden=hidden if isinstance(hidden, int) else None,
+        implied_by=None if task else TASK_FROM[kind],
+        instead=instead,
+    )
 
 
 def _check_servable(
@@ -134,17 +166,16 @@ def _check_servable(
 ) -> None:
     """Refuse, before a blob is written, a fine-tune the base could not serve: a task of
     the other architecture, a classification head that is missing, of the wrong width or
-    with another count of rows than labels (``storage.checkpoint.serve_problem``)."""
-    hidden = base_ckpt.config.get("hidden_size")
+    with another count of rows than labels."""
     heads = {n: tuple(source.extras[n]().shape) for n in (HEAD, HEAD_BIAS) if n in source.extras}
-    why = serve_problem(
-        task or source.task,
-        base_name=base.name,
-        arch=base.arch,
-        tensors={**dict.fromkeys([*source.deltas, *source.extras]), **heads},
-        labels=labels if labels is not None else source.labels,
-        hidden=hidden if isinstance(hidden, int) else None,
-        implied_by=None if task else _TASK_FROM[source.kind],
+    why = servable_problem(
+        base,
+        base_ckpt.config,
+        task,
+        source.task,
+        source.kind,
+        {**dict.fromkeys([*source.deltas, *source.extras]), **heads},
+        labels if labels is not None else source.labels,
         instead="store it with task feature-extraction (`darex add --task`, the upload's task "
         "field) to serve it on /v1/embeddings",
     )
@@ -304,6 +335,8 @@ def ingest(
     """
     t0 = time.perf_counter()
     validate_model_id(model_id)
+    store.check_registry()  # now, not after the work: the registration would refuse it
+    task = default_task(base.arch, task)
     if encoding not in ENCODING_CHOICES:
         raise ValueError(f"encoding must be one of {ENCODING_CHOICES}, got {encoding!r}")
     if method == "darex_q" and q is None and not calib_texts and not val:

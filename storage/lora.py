@@ -98,7 +98,10 @@ def read_config(folder: Path) -> dict[str, Any]:
 def _is_number(v: Any, *, integer: bool = False) -> bool:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
-    return float(v).is_integer() if integer else math.isfinite(v)
+    try:
+        return float(v).is_integer() if integer else math.isfinite(v)
+    except OverflowError:  # an integer past float's range: no rank or alpha
+        return False
 
 
 def _check_numbers(cfg: dict[str, Any], path: Path) -> None:

@@ -126,13 +126,15 @@ class RedisRegistry(Registry):
             ) from None
 
     @_redis_errors
-    def registry_id(self) -> str:
+    def registry_id(self, *, create: bool = False) -> str | None:
         key = f"{self.prefix}:registry:id"
-        pipe = self._r.pipeline(transaction=True)
-        pipe.set(key, uuid.uuid4().hex, nx=True)
-        pipe.get(key)
-        _, rid = pipe.execute()
-        return str(rid)
+        rid = self._r.get(key)
+        if rid is None and create:
+            pipe = self._r.pipeline(transaction=True)
+            pipe.set(key, uuid.uuid4().hex, nx=True)
+            pipe.get(key)
+            _, rid = pipe.execute()
+        return None if rid is None else str(rid)
 
     @_redis_errors
     def create_job(self, model_id: str, message: str = "") -> Job:

@@ -6,10 +6,10 @@ One interface, two backends picked by URL in ``open_registry``:
   path): embedded default, WAL mode, safe across threads and processes.
 - ``redis://host:port/db``: shared by several replicas.
 
-``registry_id()`` is the registry's own id, made once when it is created (a new
-SQLite file, an empty Redis): the store records the id of the registry its models
-are registered in, so a run pointed at another registry is refused before ``gc``
-deletes the blobs of models it cannot see (``storage.store``).
+``registry_id()`` is the registry's own id, made once, when a store is first bound to
+it: the store records the id of the registry its models are registered in, so a run
+pointed at another registry is refused before ``gc`` deletes the blobs of models it
+cannot see (``storage.store``).
 
 ``version()`` increments on every model change (set or delete), so a replica
 can cache lookups for a short TTL and drop its cache when the version moved;
@@ -102,8 +102,9 @@ class Registry(ABC):
         """A counter that grows on every model change."""
 
     @abstractmethod
-    def registry_id(self) -> str:
-        """This registry's id: made on first use, then the same for every client."""
+    def registry_id(self, *, create: bool = False) -> str | None:
+        """This registry's id, the same for every client; None when it has none yet,
+        unless ``create`` (then one is made, once)."""
 
     @abstractmethod
     def create_job(self, model_id: str, message: str = "") -> Job: ...
@@ -206,7 +207,7 @@ class SQLiteRegistry(Registry):
                 if str(mode).lower() != "wal":
                     self._db.execute("PRAGMA journal_mode=WAL")
                 # FULL: a registration reported done survives a power loss too (NORMAL
-                # keeps it across a crash of the process only); one fsync per model change
+                # keeps it across a crash of the process only); one fsync per write
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
                 return
@@ -283,10 +284,13 @@ class SQLiteRegistry(Registry):
         return int(row[0]) if row else 0
 
     @_sqlite_errors
-    def registry_id(self) -> str:
-        self._write([("INSERT OR IGNORE INTO info (k, v) VALUES ('id', ?)", (uuid.uuid4().hex,))])
+    def registry_id(self, *, create: bool = False) -> str | None:
         row = self._one("SELECT v FROM info WHERE k = 'id'")
-        return str(row[0]) if row else ""
+        if row is None and create:
+            new = uuid.uuid4().hex
+            self._write([("INSERT OR IGNORE INTO info (k, v) VALUES ('id', ?)", (new,))])
+            row = self._one("SELECT v FROM info WHERE k = 'id'")
+        return str(row[0]) if row else None
 
     @_sqlite_errors
     def create_job(self, model_id: str, message: str = "") -> Job:

@@ -12,12 +12,14 @@ entry (or the fresh mtimes) and keeps the blobs, or ``register`` finds a blob
 gone and raises ``MissingBlob`` with nothing registered.
 
 The store records the id of the registry its models are registered in
-(``root/registry.id``, written at the first registration). ``register`` and ``gc``
-refuse another registry with ``RegistryMismatch``: run against an empty or wrong
-registry (a shell without ``DAREX_REGISTRY_URL``, a Redis that came back empty),
-``gc`` would see no model and delete every blob. ``rebind`` adopts the open
-registry when the recorded one is gone for good. A store made before the record
-existed has none until its next registration, and is not checked until then.
+(``root/registry.id``): a server binds it at startup (its registry is the
+deployment's), a registration only when the store was new (it holds no other
+blob). ``register``, ``ingest`` and ``gc`` refuse another registry with
+``RegistryMismatch``: run against an empty or wrong registry (a shell without
+``DAREX_REGISTRY_URL``, a Redis that came back empty), ``gc`` would see no model
+and delete every blob. An unbound store that holds blobs (made before the record)
+is not checked, but gc refuses it while the registry lists no model. ``rebind``
+adopts the open registry when the recorded one is gone for good.
 
 Replacing or removing a model refreshes its old blobs' mtime, so gc's grace period
 also covers a replica still loading the old version.
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 from storage import codec
-from storage.blobs import BlobStore, MissingBlob
+from storage.blobs import BlobStore, MissingBlob, fsync_dir
 from storage.codec import DecodedDelta
 from storage.errors import (
     CorruptBlob,
@@ -149,8 +151,8 @@ class DeltaStore:
         A blob a concurrent ``gc`` removed raises ``MissingBlob``, nothing registered.
         """
         validate_model_id(model_id)
-        self._bind_registry()
         key = self.put_manifest(manifest)
+        self._bind_new_store({key, *manifest.keys()})
         old = self._registered_key(model_id) if replace else None
         with self.blobs.locked():
             for k in [key, *sorted(manifest.keys())]:
@@ -170,62 +172,110 @@ class DeltaStore:
     # ------------------------------------------------------------ the store's registry
 
     def _recorded_registry(self) -> str | None:
+        path = self.root / REGISTRY_ID_FILE
         try:
-            return (self.root / REGISTRY_ID_FILE).read_text().strip() or None
+            return path.read_text(encoding="utf-8").strip() or None  # empty: a torn write
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RegistryMismatch(
+                f"{path} cannot be read ({e}); rewrite it: `darex rebind --yes`"
+            ) from None
 
-    def _mismatch(self, recorded: str, rid: str) -> str:
+    def _mismatch(self, recorded: str, rid: str | None) -> str:
+        which = f"registry {rid}" if rid else "a registry that was never bound to a store"
         return (
             f"the store {self.root} belongs to registry {recorded}, but "
-            f"{shown_url(self.registry.url)} is registry {rid}: its models are registered in "
-            "the other one, and a gc here would delete their blobs. Point "
+            f"{shown_url(self.registry.url)} is {which}: the store's models are registered "
+            "in the other one, and a gc here would delete their blobs. Point "
             "DAREX_REGISTRY_URL at the store's registry (the one the server uses); if that "
             "registry is lost for good (a Redis that came back empty), `darex rebind --yes` "
             "makes this one the store's"
         )
 
     def registry_problem(self) -> str | None:
-        """Why the open registry is not the store's (``RegistryMismatch``'s text), or None."""
+        """Why the open registry is not the store's (``RegistryMismatch``'s text), or None.
+
+        Reads only: neither the store nor the registry is written. An unbound store (made
+        before the record, or with nothing registered yet) has no problem.
+        """
         recorded = self._recorded_registry()
         if recorded is None:
             return None
-        rid = self.registry.registry_id()
+        rid = self.registry.registry_id(create=False)
         return None if rid == recorded else self._mismatch(recorded, rid)
 
-    def _bind_registry(self) -> None:
-        """Record the open registry as the store's at the first registration; refuse another."""
-        rid = self.registry.registry_id()
-        recorded = self._recorded_registry()
-        if recorded is None:
+    def check_registry(self) -> None:
+        """``RegistryMismatch`` when the open registry is not the store's."""
+        if problem := self.registry_problem():
+            raise RegistryMismatch(problem)
+
+    def bind_registry(self) -> str | None:
+        """Record the open registry as the store's when the store has none yet; the
+        mismatch's text when it has another (nothing written then), else None.
+
+        A server calls it at startup: its registry is the deployment's. A registration
+        calls it only for an empty store (``_bind_new_store``).
+        """
+        if self._recorded_registry() is None:
+            rid = self.registry.registry_id(create=True)
             recorded = self._write_registry_id(rid, exclusive=True)
-        if recorded != rid:
-            raise RegistryMismatch(self._mismatch(recorded, rid))
+            if recorded == rid:
+                log.info("store %s bound to registry %s", self.root, rid)
+        return self.registry_problem()
+
+    def _bind_new_store(self, keys: set[str]) -> None:
+        """At a registration: refuse another registry; bind an unbound store whose only
+        blobs are this manifest's (a new store). An unbound store holding other blobs
+        (made before the record) is left for its server or `darex rebind --yes` to bind:
+        a stray registration must not decide which registry its models are in."""
+        if self._recorded_registry() is None:
+            if set(self.blobs.iter_keys()) <= keys:
+                self.bind_registry()
+            return
+        self.check_registry()
 
     def _write_registry_id(self, rid: str, *, exclusive: bool) -> str:
-        """Write ``registry.id`` atomically; ``exclusive``: only if absent (the id it holds
-        after, ours or a racing writer's)."""
+        """Write ``registry.id`` durably; ``exclusive``: only if absent or empty (returns
+        the id it holds after: ours, or a racing writer's)."""
         dst = self.root / REGISTRY_ID_FILE
-        tmp = self.blobs.tmp / f"{REGISTRY_ID_FILE}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(rid + "\n")
-        try:
-            if exclusive:
-                with contextlib.suppress(FileExistsError):
-                    os.link(tmp, dst)  # fails when another writer recorded one first
+        data = (rid + "\n").encode()
+        if exclusive and self._recorded_registry() is None:
+            try:
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:  # a racing writer's, or an empty one a crash left
+                pass
             else:
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                fsync_dir(self.root)
+        if not exclusive or self._recorded_registry() is None:
+            # not in blobs.tmp: gc sweeps that folder
+            tmp = self.root / f".{REGISTRY_ID_FILE}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, dst)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            fsync_dir(self.root)
         return self._recorded_registry() or rid
 
     def rebind(self) -> tuple[str | None, str]:
         """Make the open registry the store's; returns (the id recorded before, the new id).
 
-        For a store whose registry is lost for good: blobs of models registered only in
-        the old registry are unreferenced from now on, and go at the next ``gc``.
+        For a store whose registry is lost for good, or an unbound one: blobs of models
+        not registered in this registry are unreferenced from now on, and go at the next
+        ``gc``.
         """
-        old, rid = self._recorded_registry(), self.registry.registry_id()
+        old = self._recorded_registry() if (self.root / REGISTRY_ID_FILE).exists() else None
+        rid = self.registry.registry_id(create=True)
         self._write_registry_id(rid, exclusive=False)
         log.warning("store %s bound to registry %s (was %s)", self.root, rid, old)
         return old, rid
@@ -335,8 +385,20 @@ class DeltaStore:
         meanwhile (``put`` refreshed its mtime) is young again and stays, and a
         model registered meanwhile (the registry's version moved) keeps its blobs.
         """
-        if problem := self.registry_problem():
-            raise RegistryMismatch(problem)
+        self.check_registry()
+        unbound = self._recorded_registry() is None
+        if (
+            unbound
+            and not self.registry.list_models()
+            and any(True for _ in self.blobs.iter_keys())
+        ):
+            raise RegistryMismatch(
+                f"the store {self.root} holds blobs but is not bound to a registry, and "
+                f"{shown_url(self.registry.url)} lists no model: a gc would delete "
+                "every blob. If this is the store's registry, `darex rebind --yes` "
+                "binds it (then gc); else point DAREX_REGISTRY_URL at the one the "
+                "server uses"
+            )
         report = GcReport()
         version = self.registry.version()
         live = self.referenced()

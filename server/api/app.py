@@ -86,14 +86,16 @@ class BodyLimitMiddleware:
         await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
-def _warn_registry_mismatch(store: Any) -> None:
-    """Say at startup when the registry is not the store's: the server then serves none
-    of the store's models, and uploads are refused (``RegistryMismatch``)."""
+def bind_store(store: Any) -> None:
+    """At startup: bind an unbound store to the server's registry (the deployment's), or
+    say when the store belongs to another one; the server then serves none of the store's
+    models, and uploads are refused (``RegistryMismatch``)."""
     from storage.errors import StorageError
 
     try:
-        problem = store.registry_problem()
-    except StorageError:  # the registry is out: /readyz says so
+        problem = store.bind_registry()
+    except StorageError as e:  # the registry is out (/readyz says so), an unreadable record
+        log.warning("store not bound to the registry: %s", e)
         return
     if problem:
         log.error("registry mismatch: %s", problem)
@@ -109,7 +111,7 @@ def _open_parts(st: AppState) -> list[Any]:
 
         st.store = DeltaStore(s.data_dir, open_registry(s.registry))
         owned.append(st.store)
-        _warn_registry_mismatch(st.store)
+        bind_store(st.store)
     if st.base is None:
         from storage.bases import resolve_base
 

@@ -235,7 +235,7 @@ def demo(
 
     if why := rate_problem(rate):
         raise error_exit(f"--rate: {why}", 2)
-    from storage.tasks import list_tasks
+    from storage.tasks import list_tasks, load_task
 
     if bad := [t for t in task if t not in list_tasks()]:
         known = ", ".join(list_tasks())
@@ -248,6 +248,14 @@ def demo(
     except (UnknownBase, BadCheckpoint) as e:
         where = "--base" if base else "DAREX_BASE"
         raise error_exit(f"{where}: {type(e).__name__}: {e}", 2) from None
+    want = "generation" if info.arch == "decoder" else "classification"
+    for t in task:  # a task the base cannot serve would fail after its fine-tune
+        if (kind := load_task(t).kind) != want:
+            raise error_exit(
+                f"--task: {t!r} is a {kind} task, and base {info.name!r} (an {info.arch}) "
+                f"serves {want} tasks, e.g. {', '.join(default_tasks(info))}",
+                2,
+            )
     if serve:  # refused now, not after the fine-tunes
         check_port_free(host or s.host, port if port is not None else s.port)
     store = DeltaStore(s.data_dir, open_registry(s.registry))

@@ -447,10 +447,11 @@ def prune(
         which = f"--method {method}" if q is None else f"--method {method} --q {q}"
         if needs_calib and calib is None:
             raise typer.BadParameter(f"{which} needs --calib FILE")
-        runs_finetune = m is Method.wanda or q_mode in ("auto", "analytical")
-        if runs_finetune and not (Path(finetuned) / "config.json").is_file():
+        # the calibration below runs the fine-tune itself (WANDA's norms, per-layer q)
+        calibrates = val is None and calib is not None and q_mode != "outchange"
+        if calibrates and not (Path(finetuned) / "config.json").is_file():
             raise typer.BadParameter(
-                f"{which} measures the fine-tune's own layer inputs on --calib: give its "
+                f"{which} with --calib measures the fine-tune's own layer inputs: give its "
                 "folder with config.json, not a bare weights file"
             )
         if not (math.isfinite(eta) and eta > 0):
@@ -479,7 +480,7 @@ def prune(
             deltas = _pruned_deltas(b, f, ft_to_base, sel)
             q_mode = _outchange_q(calib, calib_samples, base_dir, arch, deltas, p, seed)
             del deltas
-        elif calib is not None:
+        elif calibrates:
             batches = _calib_batches(calib, [Path(finetuned), base_dir], calib_samples, 128)
             stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
         created = not out.exists()

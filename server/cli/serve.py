@@ -52,7 +52,7 @@ def _serve(
                 "port": port if port is not None else settings.port,
             }
         )
-    if settings.device == "cuda":
+    if settings.device == "cuda" and not ray:  # Ray replicas may run on other machines
         import torch
 
         if not torch.cuda.is_available():

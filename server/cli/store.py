@@ -342,19 +342,26 @@ def rebind(
 
     gc and uploads refuse a registry that is not the store's (a shell without
     DAREX_REGISTRY_URL, a Redis that came back empty). When the store's registry is gone
-    for good, this adopts the configured one: blobs of models registered only in the old
-    one are unreferenced from then on, and go at the next gc.
+    for good, or the store was made before stores recorded theirs, this binds the
+    configured one: blobs of models not registered in it are unreferenced from then on,
+    and go at the next gc.
     """
     from storage.errors import StorageError
-    from storage.store import shown_url
+    from storage.store import REGISTRY_ID_FILE, shown_url
 
     try:
         store = _store()
+        url = shown_url(store.registry.url)
         problem = store.registry_problem()
-        if problem is None:
-            console.print(f"nothing to do: {shown_url(store.registry.url)} is the store's registry")
+        bound = (store.root / REGISTRY_ID_FILE).exists()
+        if bound and problem is None:
+            console.print(f"nothing to do: {url} is the store's registry")
             return
         if not yes:
+            problem = problem or (
+                f"the store {store.root} is not bound to a registry yet (it was made before "
+                f"the record); `darex rebind --yes` makes {url} its registry"
+            )
             raise error_exit(problem, 1)
         old, new = store.rebind()
     except (StorageError, OSError, ValueError) as e:

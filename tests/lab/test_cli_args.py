@@ -87,6 +87,16 @@ def test_demo_refuses_an_unknown_task_before_the_store(data_dir: Path) -> None:
     assert not data_dir.exists()
 
 
+def test_demo_refuses_a_task_the_base_cannot_serve_before_training(data_dir: Path) -> None:
+    """A classification task on the decoder base would train for minutes and then be
+    refused at the store."""
+    r = demo("--base", "smollm2-135m", "--task", "rt-sentiment")
+    assert r.exit_code == 2, r.output
+    line = " ".join(r.output.split())
+    assert "--task: 'rt-sentiment' is a classification task" in line and "arith" in line, line
+    assert not (data_dir / "demo").exists()
+
+
 @pytest.mark.parametrize("rate", ["1.5", "-0.5", "nan"])
 def test_demo_refuses_a_rate_out_of_range(rate: str, data_dir: Path) -> None:
     r = demo("--rate", rate)

@@ -110,7 +110,15 @@ def test_prune_bad_values_exit_2_before_any_work(
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("how", [["--method", "wanda"], ["--method", "darex_q", "--q", "auto"]])
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["--method", "wanda"],
+        ["--method", "darex_q", "--q", "auto"],
+        ["--method", "darex_q", "--q", "0.1"],
+        ["--method", "magnitude"],
+    ],
+)
 def test_calibration_of_a_bare_weights_file_is_refused_up_front(
     tiny_bert_dir: Path, bert_ft: Path, calib_file: Path, tmp_path: Path, no_scan, how: list
 ) -> None:

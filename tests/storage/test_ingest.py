@@ -368,6 +368,10 @@ def test_lora_adapter_is_stored_as_ba_scaled(tiny_llama_dir, store, tmp_path) ->
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     peft_model.save_pretrained(tmp_path / "adapter")
+    # an adapter that does not say its task (task_type is optional in PEFT): on a decoder
+    # base it is a causal LM, as an upload of it is
+    cfg_file = tmp_path / "adapter" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "task_type": None}))
     m = ingest(
         store,
         "lora",

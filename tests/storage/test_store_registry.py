@@ -18,9 +18,9 @@ from storage.bases import resolve_base
 from storage.errors import CorruptBlob, RegistryMismatch, RegistryUnavailable
 from storage.ingest import ingest
 from storage.registry import open_registry
-from storage.store import REGISTRY_ID_FILE, DeltaStore
+from storage.store import REGISTRY_ID_FILE, DeltaStore, GcReport
 
-OPTS = {"method": "dare", "p": 0.9, "seed": 7, "show_progress": False}
+OPTS = {"method": "dare", "p": 0.9, "show_progress": False}
 
 
 def _age_all(store: DeltaStore, seconds: float) -> None:
@@ -51,7 +51,7 @@ def stored(request, tmp_path: Path, ft: Path, tiny_bert_dir: Path):
             with redis.Redis.from_url(u) as r:
                 r.flushdb()
     store = DeltaStore(data, url)
-    ingest(store, "prod", ft, resolve_base(str(tiny_bert_dir), data), **OPTS)
+    ingest(store, "prod", ft, resolve_base(str(tiny_bert_dir), data), seed=7, **OPTS)
     yield store, url, other
     store.close()
 
@@ -72,10 +72,12 @@ def test_gc_against_another_registry_deletes_nothing(stored) -> None:
 
 def test_an_upload_into_another_registry_is_refused(stored, ft: Path, tiny_bert_dir) -> None:
     store, _, other = stored
+    blobs = set(store.blobs.iter_keys())
     with DeltaStore(store.root, other) as wrong:
         with pytest.raises(RegistryMismatch, match="belongs to registry"):
-            ingest(wrong, "stray", ft, resolve_base(str(tiny_bert_dir), store.root), **OPTS)
+            ingest(wrong, "stray", ft, resolve_base(str(tiny_bert_dir), store.root), seed=3, **OPTS)
         assert wrong.registry.list_models() == {}
+        assert set(store.blobs.iter_keys()) == blobs  # refused before any work
         problems = wrong.verify().problems
         assert problems and "belongs to registry" in problems[0]
     assert store.verify().ok
@@ -107,20 +109,30 @@ def test_a_registry_that_came_back_empty_is_refused_until_rebind(stored) -> None
     assert report.deleted > 0 and list(store.blobs.iter_keys()) == []
 
 
-def test_a_store_without_a_record_is_bound_at_its_next_registration(
+def test_a_store_without_a_record_is_bound_by_its_server_not_by_a_stray_add(
     tmp_path: Path, ft: Path, tiny_bert_dir: Path
 ) -> None:
-    """Stores made before the record existed keep working: gc runs as before, and the
-    first registration records the registry."""
+    """A store made before the record: a registration (maybe from a shell pointed at the
+    wrong registry) does not bind it; the server's startup does. Until then gc runs as
+    before while the registry lists models, and refuses while it lists none."""
+    from server.api.app import bind_store
+
     store = DeltaStore(tmp_path / "data")
     base = resolve_base(str(tiny_bert_dir), store.root)
-    ingest(store, "a", ft, base, **OPTS)
+    ingest(store, "a", ft, base, seed=7, **OPTS)
+    assert (store.root / REGISTRY_ID_FILE).is_file()  # a new store: its first registration
     (store.root / REGISTRY_ID_FILE).unlink()  # as an older store has it
     assert store.registry_problem() is None
+    ingest(store, "b", ft, base, seed=8, **OPTS)
+    assert not (store.root / REGISTRY_ID_FILE).exists()  # other blobs: not a new store
     assert store.gc(grace_s=0).deleted == 0
-    ingest(store, "b", ft, base, **{**OPTS, "seed": 8})
+    with DeltaStore(store.root, f"sqlite:///{tmp_path / 'stray.sqlite3'}") as stray:
+        with pytest.raises(RegistryMismatch, match="not bound to a registry"):
+            stray.gc(grace_s=0)
+        assert stray.registry.registry_id() is None  # a read-only check wrote nothing
+    bind_store(store)
     rid = store.registry.registry_id()
-    assert (store.root / REGISTRY_ID_FILE).read_text().strip() == rid
+    assert rid and (store.root / REGISTRY_ID_FILE).read_text().strip() == rid
     store.close()
 
 
@@ -131,10 +143,10 @@ def test_replacing_a_model_keeps_its_old_blobs_through_the_grace_period(
     replace (and after a delete), so gc's default grace keeps them; past it they go."""
     store = DeltaStore(tmp_path / "data")
     base = resolve_base(str(tiny_bert_dir), store.root)
-    first = ingest(store, "m", ft, base, **OPTS).manifest
+    first = ingest(store, "m", ft, base, seed=7, **OPTS).manifest
     old_keys = {store.registry.get_model("m"), *first.keys()}
     _age_all(store, 7200)
-    ingest(store, "m", ft, base, **{**OPTS, "seed": 8}, replace=True)
+    ingest(store, "m", ft, base, seed=8, replace=True, **OPTS)
     assert old_keys <= set(store.blobs.iter_keys())
     store.gc()  # the default grace period: one hour
     assert old_keys <= set(store.blobs.iter_keys())
@@ -151,7 +163,7 @@ def test_a_registry_entry_that_is_not_a_blob_key_is_named(tmp_path: Path, ft, ti
     listed), reading it names the model, verify reports it and gc refuses to guess."""
     store = DeltaStore(tmp_path / "data")
     base = resolve_base(str(tiny_bert_dir), store.root)
-    ingest(store, "good", ft, base, **OPTS)
+    ingest(store, "good", ft, base, seed=7, **OPTS)
     store.registry.set_model("legacy", "sha256:" + "ab" * 32)
     assert set(store.models(base.sha256)) == {"good", "legacy"}
     with pytest.raises(CorruptBlob, match="model 'legacy': manifest sha256:ab"):
@@ -200,7 +212,9 @@ def test_gc_never_removes_the_temp_file_of_a_write_in_flight(tmp_path: Path) -> 
         g.join(10)
     finally:
         os.fsync = real_fsync  # type: ignore[assignment]
+    assert not t.is_alive() and not g.is_alive()
     assert "error" not in result, result
+    assert isinstance(result.get("gc"), GcReport)  # gc ran to its end, after the write
     assert store.blobs.get(result["key"]) == b"x" * 4096  # type: ignore[arg-type]
     store.close()
 
@@ -243,13 +257,28 @@ def test_redis_keys_this_version_cannot_read_are_named(redis_url: str) -> None:
         reg.close()
 
 
-def test_job_progress_that_cannot_be_written_does_not_stop_the_ingest(tmp_path, caplog) -> None:
-    reg = open_registry(f"sqlite:///{tmp_path / 'r.sqlite3'}")
-    job = reg.create_job("m")
-    reg.close()  # the registry is out
+def test_job_progress_that_cannot_be_written_does_not_stop_the_ingest(
+    tmp_path: Path, ft: Path, tiny_bert_dir: Path, caplog
+) -> None:
+    """The upload's progress writes go to a registry that is out (a closed SQLite
+    connection, as a Redis blip): the ingest still stores the model."""
+    jobs = open_registry(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    job = jobs.create_job("m")
+    jobs.close()  # out
+    store = DeltaStore(tmp_path / "data")
     with caplog.at_level(logging.WARNING, logger="server.api.routes.admin"):
-        _report_progress(reg, job.id, 0.5, "delta x")
+        ingest(
+            store,
+            "m",
+            ft,
+            resolve_base(str(tiny_bert_dir), store.root),
+            progress=lambda f, m: _report_progress(jobs, job.id, f, m),
+            seed=7,
+            **OPTS,
+        )
+    _readable(store, "m")
     assert any("progress not recorded" in r.getMessage() for r in caplog.records)
+    store.close()
 
 
 def test_a_full_sqlite_registry_says_so_and_answers_507(tmp_path: Path) -> None:

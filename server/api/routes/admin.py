@@ -41,6 +41,7 @@ from storage.qsearch import read_calib_texts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import Any
 
     from storage.manifest import Manifest
     from storage.registry import Job, Registry
@@ -115,39 +116,37 @@ def _checkpoint_path(up: Upload) -> Path:
 
 
 def _precheck(state: AppState, folder: Path, task: str | None) -> None:
-    """Header-only checks before a job exists: the tensor count (full checkpoint or LoRA
-    adapter, ``DAREX_MAX_TENSORS``), a full checkpoint's shapes against the base, and the
-    task it will be stored with (``task``, else the one its config names) against what
-    the base serves."""
+    """Header-only checks before a job exists: the store's registry, the tensor count (full
+    checkpoint or LoRA adapter, ``DAREX_MAX_TENSORS``), a full checkpoint's shapes against
+    the base, and whether the base can serve it (``storage.ingest.servable_problem``: the
+    task sent, else the one its config names; the head's shape)."""
     from storage.bases import tensor_names
     from storage.checkpoint import open_checkpoint, plan_against_base, read_task
-    from storage.ingest import check_tensor_count, is_lora_adapter
+    from storage.ingest import check_tensor_count, default_task, is_lora_adapter
 
-    if is_lora_adapter(folder):
+    state.store.check_registry()
+    lora = is_lora_adapter(folder)
+    if lora:
         raw = tensor_names(folder)
         check_tensor_count(len(raw), state.settings.max_tensors)
-        if state.base is None:
-            return
+    else:
+        ckpt = open_checkpoint(folder)
+        check_tensor_count(len(ckpt.meta), state.settings.max_tensors)
+    if state.base is None:
+        return
+    base_ckpt = open_checkpoint(state.base.path)
+    task = default_task(state.base.arch, task)
+    if lora:
         from storage.lora import adapter_name
 
         # as storage.lora.read_adapter names them; shapes are checked by the ingest
-        names = dict.fromkeys(adapter_name(n) for n in raw)
-        if task is None:
-            _check_task(state, _lora_task(folder), names, "task_type in adapter_config.json")
-        else:
-            _check_task(state, task, names)
-        return
-    ckpt = open_checkpoint(folder)
-    check_tensor_count(len(ckpt.meta), state.settings.max_tensors)
-    if state.base is None:
-        return
-    plan_against_base(ckpt, open_checkpoint(state.base.path))
-    implied, labels = read_task(ckpt.config)
-    shapes = {n: tuple(m.shape) for n, m in ckpt.meta.items()}
-    if task is None:
-        _check_task(state, implied, shapes, "architectures in config.json", labels)
+        tensors: dict[str, tuple[int, ...] | None] = dict.fromkeys(adapter_name(n) for n in raw)
+        implied, labels = (_lora_task(folder) if task is None else ""), None
     else:
-        _check_task(state, task, shapes, labels=labels)
+        plan_against_base(ckpt, base_ckpt)
+        implied, labels = read_task(ckpt.config)
+        tensors = {n: tuple(m.shape) for n, m in ckpt.meta.items()}
+    _check_task(state, base_ckpt.config, task, implied, "lora" if lora else "full", tensors, labels)
 
 
 def _lora_task(folder: Path) -> str:
@@ -166,24 +165,24 @@ def _lora_task(folder: Path) -> str:
 
 def _check_task(
     state: AppState,
-    task: str,
+    base_config: Mapping[str, Any],
+    task: str | None,
+    implied: str,
+    kind: str,
     tensors: Mapping[str, tuple[int, ...] | None],
-    implied_by: str | None = None,
-    labels: list[str] | None = None,
+    labels: list[str] | None,
 ) -> None:
-    """Refuse a task the base cannot serve, or a classification head it could not apply
-    (``storage.checkpoint.serve_problem``), before a job exists: a 422 naming the field."""
-    from storage.checkpoint import open_checkpoint, serve_problem
+    """A 422 on ``task`` when the base could not serve the upload."""
+    from storage.ingest import servable_problem
 
-    hidden = open_checkpoint(state.base.path).config.get("hidden_size")
-    why = serve_problem(
+    why = servable_problem(
+        state.base,
+        base_config,
         task,
-        base_name=state.base_id,
-        arch=state.base.arch,
-        tensors=tensors,
-        labels=labels,
-        hidden=hidden if isinstance(hidden, int) else None,
-        implied_by=implied_by,
+        implied,
+        kind,
+        tensors,
+        labels,
         instead="send task=feature-extraction to serve it on /v1/embeddings",
     )
     if why:
@@ -330,8 +329,6 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         task = up.fields.get("task") or None
         if task is not None and task not in TASKS:
             raise InvalidRequest(f"task: {task!r} is not one of {TASKS}", field="task")
-        if task is None and state.base is not None and state.base.arch == "decoder":
-            task = "causal-lm"  # all a decoder base serves; a LoRA adapter does not say
         folder = _checkpoint_path(up)
         if not replace:
             try:
