@@ -335,7 +335,7 @@ def ingest(
     """
     t0 = time.perf_counter()
     validate_model_id(model_id)
-    store.check_registry()  # now, not after the work: the registration would refuse it
+    store.bind_if_new()  # a mismatch is refused now, not after the work
     task = default_task(base.arch, task)
     if encoding not in ENCODING_CHOICES:
         raise ValueError(f"encoding must be one of {ENCODING_CHOICES}, got {encoding!r}")

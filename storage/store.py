@@ -13,8 +13,8 @@ gone and raises ``MissingBlob`` with nothing registered.
 
 The store records the id of the registry its models are registered in
 (``root/registry.id``): a server binds it at startup (its registry is the
-deployment's), a registration only when the store was new (it holds no other
-blob). ``register``, ``ingest`` and ``gc`` refuse another registry with
+deployment's), an ingest or a registration only when the store is new (it holds
+no other blob). ``register``, ``ingest`` and ``gc`` refuse another registry with
 ``RegistryMismatch``: run against an empty or wrong registry (a shell without
 ``DAREX_REGISTRY_URL``, a Redis that came back empty), ``gc`` would see no model
 and delete every blob. An unbound store that holds blobs (made before the record)
@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,7 +153,7 @@ class DeltaStore:
         """
         validate_model_id(model_id)
         key = self.put_manifest(manifest)
-        self._bind_new_store({key, *manifest.keys()})
+        self.bind_if_new({key, *manifest.keys()})
         old = self._registered_key(model_id) if replace else None
         with self.blobs.locked():
             for k in [key, *sorted(manifest.keys())]:
@@ -215,7 +216,7 @@ class DeltaStore:
         mismatch's text when it has another (nothing written then), else None.
 
         A server calls it at startup: its registry is the deployment's. A registration
-        calls it only for an empty store (``_bind_new_store``).
+        calls it only for a new store (``bind_if_new``).
         """
         if self._recorded_registry() is None:
             rid = self.registry.registry_id(create=True)
@@ -224,13 +225,13 @@ class DeltaStore:
                 log.info("store %s bound to registry %s", self.root, rid)
         return self.registry_problem()
 
-    def _bind_new_store(self, keys: set[str]) -> None:
-        """At a registration: refuse another registry; bind an unbound store whose only
-        blobs are this manifest's (a new store). An unbound store holding other blobs
-        (made before the record) is left for its server or `darex rebind --yes` to bind:
-        a stray registration must not decide which registry its models are in."""
+    def bind_if_new(self, keys: Iterable[str] = ()) -> None:
+        """Refuse another registry; bind an unbound store that holds no blob but ``keys``
+        (a new store: an ingest's start, or its registration). An unbound store holding
+        other blobs (made before the record) is left for its server or `darex rebind
+        --yes` to bind: a stray registration must not decide where its models are."""
         if self._recorded_registry() is None:
-            if set(self.blobs.iter_keys()) <= keys:
+            if set(self.blobs.iter_keys()) <= set(keys):
                 self.bind_registry()
             return
         self.check_registry()
