@@ -64,6 +64,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(tmp: Path, dst: Path, data: bytes) -> None:
+    """``dst`` holds ``data`` whole or not at all, across a crash or power loss: written to
+    ``tmp`` (same filesystem), fsynced, renamed over ``dst``, the folder fsynced."""
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(dst.parent)
+
+
 class BlobStore:
     """Immutable blobs under ``root/objects``; temp files under ``root/tmp``."""
 
@@ -118,18 +133,8 @@ class BlobStore:
             if not dst.parent.is_dir():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 fsync_dir(self.objects)  # the new shard folder survives a power loss
-            tmp = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                # atomic; a concurrent writer of the same key wrote equal bytes
-                os.replace(tmp, dst)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            fsync_dir(dst.parent)
+            # a concurrent writer of the same key writes equal bytes: the last rename wins
+            write_atomic(self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp", dst, data)
         return key
 
     def _reuse(self, key: str, dst: Path, data: bytes) -> bool:

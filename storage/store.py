@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from storage import codec
-from storage.blobs import BlobStore, MissingBlob, fsync_dir
+from storage.blobs import BlobStore, MissingBlob, fsync_dir, write_atomic
 from storage.codec import DecodedDelta
 from storage.errors import (
     CorruptBlob,
@@ -254,18 +254,8 @@ class DeltaStore:
                     os.close(fd)
                 fsync_dir(self.root)
         if not exclusive or self._recorded_registry() is None:
-            # not in blobs.tmp: gc sweeps that folder
-            tmp = self.root / f".{REGISTRY_ID_FILE}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, dst)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            fsync_dir(self.root)
+            # the temp file is not in blobs.tmp: gc sweeps that folder
+            write_atomic(self.root / f".{REGISTRY_ID_FILE}.{uuid.uuid4().hex}.tmp", dst, data)
         return self._recorded_registry() or rid
 
     def rebind(self) -> tuple[str | None, str]:
