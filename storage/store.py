@@ -268,7 +268,7 @@ class DeltaStore:
         old = self._recorded_registry() if (self.root / REGISTRY_ID_FILE).exists() else None
         rid = self.registry.registry_id(create=True)
         self._write_registry_id(rid, exclusive=False)
-        log.warning("store %s bound to registry %s (was %s)", self.root, rid, old)
+        log.warning("store %s bound to registry %s (was %s)", self.root, rid, old or "none")
         return old, rid
 
     def _registered_key(self, model_id: str) -> str | None:

@@ -355,15 +355,16 @@ def rebind(
         problem = store.registry_problem()
         bound = (store.root / REGISTRY_ID_FILE).exists()
         if bound and problem is None:
-            console.print(f"nothing to do: {url} is the store's registry")
+            console.print(f"nothing to do: {url} is the store's registry", soft_wrap=True)
             return
         if not yes:
             problem = problem or (
-                f"the store {store.root} is not bound to a registry yet (it was made before "
-                f"the record); `darex rebind --yes` makes {url} its registry"
+                f"the store {store.root} is not bound to a registry yet (nothing was stored "
+                f"in it, or it was made before stores recorded theirs); `darex rebind --yes` "
+                f"makes {url} its registry"
             )
             raise error_exit(problem, 1)
         old, new = store.rebind()
     except (StorageError, OSError, ValueError) as e:
         raise _fail(e) from None
-    console.print(f"rebound: the store's registry is now {new} (was {old})")
+    console.print(f"rebound: the store's registry is now {new} (was {old or 'none'})")
