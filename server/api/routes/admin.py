@@ -40,9 +40,6 @@ from storage.modelid import validate_model_id
 from storage.qsearch import read_calib_texts
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from typing import Any
-
     from storage.manifest import Manifest
     from storage.registry import Job, Registry
     from storage.store import DeltaStore
@@ -122,7 +119,12 @@ def _precheck(state: AppState, folder: Path, task: str | None) -> None:
     task sent, else the one its config names; the head's shape)."""
     from storage.bases import tensor_names
     from storage.checkpoint import open_checkpoint, plan_against_base, read_task
-    from storage.ingest import check_tensor_count, default_task, is_lora_adapter
+    from storage.ingest import (
+        check_tensor_count,
+        default_task,
+        is_lora_adapter,
+        servable_problem,
+    )
 
     state.store.check_registry()
     lora = is_lora_adapter(folder)
@@ -146,7 +148,13 @@ def _precheck(state: AppState, folder: Path, task: str | None) -> None:
         plan_against_base(ckpt, base_ckpt)
         implied, labels = read_task(ckpt.config)
         tensors = {n: tuple(m.shape) for n, m in ckpt.meta.items()}
-    _check_task(state, base_ckpt.config, task, implied, "lora" if lora else "full", tensors, labels)
+    kind = "lora" if lora else "full"
+    instead = "send task=feature-extraction to serve it on /v1/embeddings"
+    why = servable_problem(
+        state.base, base_ckpt.config, task, implied, kind, tensors, labels, instead
+    )
+    if why:
+        raise InvalidRequest(why, field="task")
 
 
 def _lora_task(folder: Path) -> str:
@@ -161,32 +169,6 @@ def _lora_task(folder: Path) -> str:
     except (ValueError, RecursionError) as e:  # not UTF-8, nested too deeply
         raise BadCheckpoint(f"{folder / 'adapter_config.json'} is not JSON: {e}") from None
     return lora_task(cfg)
-
-
-def _check_task(
-    state: AppState,
-    base_config: Mapping[str, Any],
-    task: str | None,
-    implied: str,
-    kind: str,
-    tensors: Mapping[str, tuple[int, ...] | None],
-    labels: list[str] | None,
-) -> None:
-    """A 422 on ``task`` when the base could not serve the upload."""
-    from storage.ingest import servable_problem
-
-    why = servable_problem(
-        state.base,
-        base_config,
-        task,
-        implied,
-        kind,
-        tensors,
-        labels,
-        instead="send task=feature-extraction to serve it on /v1/embeddings",
-    )
-    if why:
-        raise InvalidRequest(why, field="task")
 
 
 def _hide_upload_path(text: str, up: Upload) -> str:
