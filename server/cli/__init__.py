@@ -83,8 +83,15 @@ def cli_settings(factory: Callable[[], Settings] | None = None) -> Settings:
 
 def check_data_dir(data_dir: Path, *, create: bool) -> None:
     """``DAREX_DATA_DIR`` must be a folder. Commands that only read the store (``create``
-    False) refuse a missing one rather than create it (a typo would show an empty store)."""
+    False) refuse a missing one rather than create it (a typo would show an empty store),
+    and a folder that holds no store (no ``objects/``) rather than make one in it."""
     if data_dir.is_dir():
+        if not create and not (data_dir / "objects").is_dir():
+            raise error_exit(
+                f"DAREX_DATA_DIR={data_dir} holds no store (no objects/ folder; "
+                "`darex add` or `darex serve` makes one there)",
+                2,
+            )
         return
     if data_dir.exists():
         raise error_exit(f"DAREX_DATA_DIR={data_dir} is not a directory", 2)

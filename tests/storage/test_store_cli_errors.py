@@ -65,6 +65,20 @@ def test_read_only_commands_refuse_a_missing_data_dir_without_creating_it(
     assert not env.exists()
 
 
+@pytest.mark.parametrize("cmd", [*STORE_COMMANDS, ["rebind", "--yes"]])
+def test_read_only_commands_leave_a_folder_without_a_store_as_it_is(
+    env: Path, cmd: list[str]
+) -> None:
+    """A DAREX_DATA_DIR that names some other folder (a typo, a mount not yet there) is
+    refused; no objects/, tmp/ or registry file is made in it."""
+    env.mkdir()
+    (env / "notes.txt").write_text("someone else's folder")
+    r = run(*cmd)
+    assert r.exit_code == 2, r.output
+    assert "holds no store" in one_line(r.output) and str(env) in r.output
+    assert sorted(p.name for p in env.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("grace", ["-5", "-0.5", "nan"])
 def test_gc_refuses_a_negative_or_nan_grace(env: Path, ft: Path, grace: str) -> None:
     assert run("add", "m", str(ft), "--method", "dare", "--rate", "0.9").exit_code == 0
