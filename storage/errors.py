@@ -54,6 +54,11 @@ class RegistryUnavailable(StorageError):
     """The registry backend (SQLite file or Redis) cannot be reached."""
 
 
+class RegistryCorrupt(RegistryUnavailable):
+    """The registry holds data this version cannot read (a Redis key of another type or
+    value, a job record with bad fields): retrying does not help, someone must look."""
+
+
 class RegistryFull(RegistryUnavailable):
     """The SQLite registry's disk is full: a write was refused (and rolled back)."""
 

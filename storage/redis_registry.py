@@ -25,7 +25,13 @@ from typing import ParamSpec, TypeVar
 import redis
 from pydantic import ValidationError
 
-from storage.errors import ModelExists, RegistryUnavailable, UnknownJob, UnknownModel
+from storage.errors import (
+    ModelExists,
+    RegistryCorrupt,
+    RegistryUnavailable,
+    UnknownJob,
+    UnknownModel,
+)
 from storage.registry import JOB_TTL_S, Job, JobState, Registry, _job_fields
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,15 @@ def _redis_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
+        except redis.ResponseError as e:
+            if "WRONGTYPE" not in str(e):
+                raise RegistryUnavailable(f"Redis registry failed in {fn.__name__}: {e}") from e
+            prefix = getattr(args[0], "prefix", "darex") if args else "darex"
+            raise RegistryCorrupt(
+                f"Redis registry failed in {fn.__name__}: {e}; a {prefix}: key holds another "
+                f"type than this version writes: does another program use the {prefix}: "
+                "keys of this Redis database?"
+            ) from e
         except redis.RedisError as e:
             raise RegistryUnavailable(f"Redis registry failed in {fn.__name__}: {e}") from e
 
@@ -120,7 +135,7 @@ class RedisRegistry(Registry):
         try:
             return int(raw or 0)
         except ValueError:
-            raise RegistryUnavailable(
+            raise RegistryCorrupt(
                 f"Redis key {self._version} holds {raw!r}, not a counter: does another "
                 f"program use the {self.prefix}: keys of this Redis database?"
             ) from None
@@ -172,7 +187,7 @@ class RedisRegistry(Registry):
         try:
             return Job.model_validate(raw)
         except ValidationError as e:
-            raise RegistryUnavailable(
+            raise RegistryCorrupt(
                 f"job {job_id!r}: its record in Redis is not one this version reads "
                 f"({e.error_count()} bad field(s), e.g. {e.errors()[0]['loc']})"
             ) from None

@@ -39,6 +39,7 @@ from storage.errors import (
     IngestInProgress,
     InvalidModelId,
     ModelExists,
+    RegistryCorrupt,
     RegistryFull,
     RegistryMismatch,
     RegistryUnavailable,
@@ -68,6 +69,8 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (ModelExists, 409, "invalid_request_error", "model_exists"),
     (IngestInProgress, 409, "invalid_request_error", "ingest_in_progress"),
     (RegistryFull, 507, "server_error", "insufficient_storage"),
+    # data in the registry this version cannot read: a retry does not help
+    (RegistryCorrupt, 500, "server_error", "registry_corrupt"),
     (RegistryUnavailable, 503, "service_unavailable", "registry_unavailable"),
     (NotReady, 503, "service_unavailable", "not_ready"),
     (SchedulerClosed, 503, "service_unavailable", "shutting_down"),

@@ -277,6 +277,44 @@ def test_redis_stopped_then_restarted(
         rd.stop()
 
 
+def test_redis_key_of_another_program_is_a_500_that_names_it(
+    tmp_path: Path, tiny_llama_dir: Path, ft_dirs, category
+) -> None:
+    """A value of another type under darex:models (another program sharing the Redis
+    database): Redis answers WRONGTYPE, which no retry mends, so the admin API says 500
+    registry_corrupt and what to look at, not 503 "try again"; once the key is put back,
+    the same requests succeed."""
+    category("fault/redis")
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server not installed")
+    import redis
+
+    rd = Redis(tmp_path)
+    rd.start()
+    data = tmp_path / "data"
+    seed_store(data, tiny_llama_dir, ft_dirs, rd.url)
+    try:
+        with (
+            serve_in_thread(data, tiny_llama_dir, registry_url=rd.url) as (url, _app),
+            httpx.Client(base_url=url, timeout=30) as c,
+            redis.Redis(port=rd.port) as r,
+        ):
+            assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
+            r.rename("darex:models", "darex:models:kept")
+            r.set("darex:models", "someone else's value")
+            for path in ("/admin/models/ft-a", "/v1/models"):
+                got = c.get(path, headers=AUTH)
+                assert got.status_code == 500, got.text
+                err = got.json()["error"]
+                assert err["code"] == "registry_corrupt", err
+                assert "WRONGTYPE" in err["message"] and "darex: keys" in err["message"], err
+            r.delete("darex:models")
+            r.rename("darex:models:kept", "darex:models")
+            assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
+    finally:
+        rd.stop()
+
+
 # ---------------------------------------------------------------- disk full
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from server.api.routes.admin import _report_progress
 from storage.bases import resolve_base
-from storage.errors import CorruptBlob, RegistryMismatch, RegistryUnavailable
+from storage.errors import CorruptBlob, RegistryCorrupt, RegistryMismatch
 from storage.ingest import ingest
 from storage.registry import open_registry
 from storage.store import REGISTRY_ID_FILE, DeltaStore, GcReport
@@ -248,12 +248,29 @@ def test_redis_keys_this_version_cannot_read_are_named(redis_url: str) -> None:
         r.flushdb()
         reg = open_registry(redis_url)
         r.set("darex:models:version", "v2")
-        with pytest.raises(RegistryUnavailable, match="darex:models:version holds 'v2'"):
+        with pytest.raises(RegistryCorrupt, match="darex:models:version holds 'v2'"):
             reg.version()
         job = reg.create_job("m")
         r.hset(f"darex:job:{job.id}", "state", "paused")
-        with pytest.raises(RegistryUnavailable, match=f"job '{job.id}'.*state"):
+        with pytest.raises(RegistryCorrupt, match=f"job '{job.id}'.*state"):
             reg.get_job(job.id)
+        # another program's value under darex:models: Redis answers WRONGTYPE, which no
+        # retry mends (RegistryCorrupt, not a plain RegistryUnavailable)
+        r.set("darex:models", "not a hash")
+        for call in (
+            reg.list_models,
+            lambda: reg.get_model("m"),
+            lambda: reg.set_model("m", "a" * 64),
+        ):
+            with pytest.raises(
+                RegistryCorrupt, match=r"WRONGTYPE.*another program use the darex: keys"
+            ):
+                call()
+        assert r.get("darex:models") == b"not a hash"  # left as it was
+        r.delete("darex:models")
+        r.set("darex:models:version", 3)
+        reg.set_model("m", "a" * 64)  # once the key is mended, the registry works again
+        assert reg.list_models() == {"m": "a" * 64}
         reg.close()
 
 
