@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from server.errors import NotReady
-from storage.errors import RegistryUnavailable
+from storage.errors import RegistryCorrupt, RegistryUnavailable
 from storage.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class RegistryWatcher:
         self.version: int | None = None
         self.snapshot: dict[str, str] = {}
         self.error: str | None = None
+        self.unreadable = False  # the registry answers but holds data this version cannot read
         self.down_since: float | None = None
         self.checked_at: float | None = None
         self._resync = True
@@ -85,8 +86,9 @@ class RegistryWatcher:
         if self.error is None:
             raise NotReady("the model registry has not been reached yet")
         since = time.time() - (self.down_since or time.time())
+        state = "unreadable" if self.unreadable else "unreachable"
         raise NotReady(
-            f"the model registry is unreachable ({self.error}) for {since:.0f}s; "
+            f"the model registry is {state} ({self.error}) for {since:.0f}s; "
             f"retrying every {self.ttl_s:g}s"
         )
 
@@ -107,7 +109,7 @@ class RegistryWatcher:
             models = await asyncio.to_thread(self.registry.list_models)
         except RegistryUnavailable as e:
             first_failure = self.error is None
-            self._mark_down(str(e))
+            self._mark_down(str(e), unreadable=isinstance(e, RegistryCorrupt))
             if first_failure and self.drop is not None:
                 await self._each(self.drop, sorted(self.snapshot), "drop")
             return []
@@ -152,11 +154,12 @@ class RegistryWatcher:
             log.warning("model registry reachable again after %.1fs", self._down_for())
         self.error, self.down_since, self.checked_at = None, None, time.time()
 
-    def _mark_down(self, error: str) -> None:
+    def _mark_down(self, error: str, *, unreadable: bool = False) -> None:
         if self.error is None:
-            log.error("model registry unreachable: %s", error)
+            state = "unreadable" if unreadable else "unreachable"
+            log.error("model registry %s: %s", state, error)
             self.down_since = time.time()
-        self.error, self._resync = error, True
+        self.error, self.unreadable, self._resync = error, unreadable, True
 
     def _down_for(self) -> float:
         return time.time() - self.down_since if self.down_since else 0.0

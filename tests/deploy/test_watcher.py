@@ -124,6 +124,36 @@ def test_outage_is_reported_and_recovers(redis_server) -> None:
     assert retired.ids == ["a", "b"]
 
 
+def test_a_registry_holding_another_programs_data_is_reported_unreadable(redis_server) -> None:
+    """The registry answers but ``darex:models`` holds another program's string: the
+    replica is not ready and says the registry is unreadable (not unreachable), and it
+    recovers once the key is put back."""
+    import redis
+
+    reg = open_registry(redis_server.url)
+    reg.set_model("a", "key-a")
+    dropped = Retired()
+    w = RegistryWatcher(reg, Retired(), drop=dropped, ttl_s=0.1)
+
+    async def scenario() -> None:
+        await w.poll_once()
+        assert w.ready
+        with redis.Redis.from_url(redis_server.url) as r:
+            r.rename("darex:models", "darex:models:kept")
+            r.set("darex:models", "not a hash")
+            r.incr("darex:models:version")  # the watcher re-reads the models
+            await w.poll_once()
+            assert not w.ready and dropped.ids == ["a"]
+            with pytest.raises(NotReady, match=r"registry is unreadable.*WRONGTYPE"):
+                w.require_ready()
+            r.delete("darex:models")
+            r.rename("darex:models:kept", "darex:models")
+        await w.poll_once()
+        assert w.ready and w.snapshot == {"a": "key-a"}
+
+    asyncio.run(scenario())
+
+
 def test_run_loop_wakes_on_published_change(redis_server) -> None:
     mine, theirs = open_registry(redis_server.url), open_registry(redis_server.url)
     theirs.set_model("a", "key-a")
