@@ -230,53 +230,62 @@ class Redis:
         self.proc = None
 
 
-@pytest.mark.redis
-def test_redis_stopped_then_restarted(
-    tmp_path: Path, tiny_llama_dir: Path, ft_dirs, category
-) -> None:
-    category("fault/redis")
+@contextlib.contextmanager
+def served_with_redis(
+    tmp_path: Path, base_dir: Path, fts: dict[str, Path]
+) -> Iterator[tuple[str, Redis]]:
+    """A real redis-server as the registry of a store holding ft-a and ft-b, and a server
+    on them: (its url, the Redis)."""
     if not Path(REDIS_SERVER).exists():
         pytest.skip("redis-server not installed")
     rd = Redis(tmp_path)
     rd.start()
     data = tmp_path / "data"
-    seed_store(data, tiny_llama_dir, ft_dirs, rd.url)
+    seed_store(data, base_dir, fts, rd.url)
     try:
-        with serve_in_thread(data, tiny_llama_dir, registry_url=rd.url) as (url, _app):
-            c = httpx.Client(base_url=url, timeout=30)
-            assert c.get("/readyz").status_code == 200
-            assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
-            rd.stop()
-            t0 = time.monotonic()
-            for path in ("/admin/models/ft-a", "/admin/models/ft-b"):
-                r = c.get(path, headers=AUTH)
-                assert r.status_code == 503, r.text
-                err = r.json()["error"]
-                assert err["code"] == "registry_unavailable" and "Redis" in err["message"], err
-            r = c.get("/v1/models")
-            assert r.status_code == 503, r.text
-            r = c.post("/v1/completions", json={"model": "ft-b", "prompt": "hi", "max_tokens": 2})
-            assert r.status_code == 503 and "registry" in r.json()["error"]["message"].lower(), (
-                r.text
-            )
-            r = c.get("/readyz")
-            assert r.status_code == 503 and "unavailable" in r.json()["checks"]["registry"], r.text
-            assert time.monotonic() - t0 < 30, "a request waited on the dead registry too long"
-            assert c.get("/healthz").status_code == 200
-            rd.start()
-            deadline = time.monotonic() + 15
-            while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert c.get("/readyz").status_code == 200
-            assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
-            assert {m["id"] for m in c.get("/v1/models").json()["data"]} >= {"ft-a", "ft-b"}
-            r = c.post("/v1/completions", json={"model": "ft-b", "prompt": "hi", "max_tokens": 2})
-            assert r.status_code == 200, r.text
-            c.close()
+        with serve_in_thread(data, base_dir, registry_url=rd.url) as (url, _app):
+            yield url, rd
     finally:
         rd.stop()
 
 
+@pytest.mark.redis
+def test_redis_stopped_then_restarted(
+    tmp_path: Path, tiny_llama_dir: Path, ft_dirs, category
+) -> None:
+    category("fault/redis")
+    with served_with_redis(tmp_path, tiny_llama_dir, ft_dirs) as (url, rd):
+        c = httpx.Client(base_url=url, timeout=30)
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
+        rd.stop()
+        t0 = time.monotonic()
+        for path in ("/admin/models/ft-a", "/admin/models/ft-b"):
+            r = c.get(path, headers=AUTH)
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["code"] == "registry_unavailable" and "Redis" in err["message"], err
+        r = c.get("/v1/models")
+        assert r.status_code == 503, r.text
+        r = c.post("/v1/completions", json={"model": "ft-b", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and "registry" in r.json()["error"]["message"].lower(), r.text
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "unavailable" in r.json()["checks"]["registry"], r.text
+        assert time.monotonic() - t0 < 30, "a request waited on the dead registry too long"
+        assert c.get("/healthz").status_code == 200
+        rd.start()
+        deadline = time.monotonic() + 15
+        while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
+        assert {m["id"] for m in c.get("/v1/models").json()["data"]} >= {"ft-a", "ft-b"}
+        r = c.post("/v1/completions", json={"model": "ft-b", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        c.close()
+
+
+@pytest.mark.redis
 def test_redis_key_of_another_program_is_a_500_that_names_it(
     tmp_path: Path, tiny_llama_dir: Path, ft_dirs, category
 ) -> None:
@@ -285,34 +294,25 @@ def test_redis_key_of_another_program_is_a_500_that_names_it(
     registry_corrupt and what to look at, not 503 "try again"; once the key is put back,
     the same requests succeed."""
     category("fault/redis")
-    if not Path(REDIS_SERVER).exists():
-        pytest.skip("redis-server not installed")
     import redis
 
-    rd = Redis(tmp_path)
-    rd.start()
-    data = tmp_path / "data"
-    seed_store(data, tiny_llama_dir, ft_dirs, rd.url)
-    try:
-        with (
-            serve_in_thread(data, tiny_llama_dir, registry_url=rd.url) as (url, _app),
-            httpx.Client(base_url=url, timeout=30) as c,
-            redis.Redis(port=rd.port) as r,
-        ):
-            assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
-            r.rename("darex:models", "darex:models:kept")
-            r.set("darex:models", "someone else's value")
-            for path in ("/admin/models/ft-a", "/v1/models"):
-                got = c.get(path, headers=AUTH)
-                assert got.status_code == 500, got.text
-                err = got.json()["error"]
-                assert err["code"] == "registry_corrupt", err
-                assert "WRONGTYPE" in err["message"] and "darex: keys" in err["message"], err
-            r.delete("darex:models")
-            r.rename("darex:models:kept", "darex:models")
-            assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
-    finally:
-        rd.stop()
+    with (
+        served_with_redis(tmp_path, tiny_llama_dir, ft_dirs) as (url, rd),
+        httpx.Client(base_url=url, timeout=30) as c,
+        redis.Redis(port=rd.port) as r,
+    ):
+        assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
+        r.rename("darex:models", "darex:models:kept")
+        r.set("darex:models", "someone else's value")
+        for path in ("/admin/models/ft-a", "/v1/models"):
+            got = c.get(path, headers=AUTH)
+            assert got.status_code == 500, got.text
+            err = got.json()["error"]
+            assert err["code"] == "registry_corrupt", err
+            assert "WRONGTYPE" in err["message"] and "darex: keys" in err["message"], err
+        r.delete("darex:models")
+        r.rename("darex:models:kept", "darex:models")
+        assert c.get("/admin/models/ft-a", headers=AUTH).status_code == 200
 
 
 # ---------------------------------------------------------------- disk full
