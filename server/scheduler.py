@@ -134,15 +134,18 @@ class Scheduler:
     # ------------------------------------------------------------------ public API
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker; queued requests fail with :class:`SchedulerClosed`."""
+        """Stop the worker; queued requests and calls fail with :class:`SchedulerClosed`."""
         with self._cond:
             self._closed = True
             pending = [r for q in self._queues.values() for r in q]
             for q in self._queues.values():
                 q.clear()
+            calls, self._calls = list(self._calls), deque()
             self._cond.notify_all()
         for r in pending:
             r.sink.put(SchedulerClosed("the server is shutting down"))
+        for _, fut in calls:  # never started: their callers would wait for ever
+            fut.set_exception(SchedulerClosed("the server is shutting down"))
         self._thread.join(timeout)
 
     def queue_depth(self) -> dict[str | None, int]:
@@ -196,13 +199,21 @@ class Scheduler:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the worker thread between batches (the engine's single writer)."""
+        return await asyncio.wrap_future(self._queue_call(fn))
+
+    def call_sync(self, fn: Callable[[], Any]) -> Any:
+        """Blocking :meth:`call`, for other threads (an upload's ingest job); do not call
+        from the worker thread."""
+        return self._queue_call(fn).result()
+
+    def _queue_call(self, fn: Callable[[], Any]) -> Future[Any]:
         fut: Future[Any] = Future()
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
             self._calls.append((fn, fut))
             self._cond.notify_all()
-        return await asyncio.wrap_future(fut)
+        return fut
 
     async def retire(
         self,

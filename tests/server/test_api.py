@@ -100,6 +100,33 @@ def test_upload_serve_inspect_delete(llama: TestClient, llama_ft: Path, tiny_lla
     assert_error(llama.get("/admin/models/ft-up", headers=AUTH), 404)
 
 
+def test_a_replacing_upload_serves_its_new_weights_once_its_job_is_done(
+    tmp_path: Path, tiny_llama_dir: Path, llama_ft: Path
+) -> None:
+    """Replace a model that this server has cached: the first request after the job reads
+    done runs the new version. The registry watcher is kept out of it (a check an hour
+    apart), so only the upload itself can have dropped the old copy."""
+    other_ft = save_causal_finetune(tiny_llama_dir, tmp_path / "other", seed=9)
+    settings = make_settings(
+        tmp_path / "data", str(tiny_llama_dir), max_upload_bytes=20 << 20, registry_ttl_s=3600
+    )
+    body = {"model": "ft", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
+
+    def text(c: TestClient, model: str) -> str:
+        r = c.post("/v1/completions", json={**body, "model": model})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with TestClient(create_app(settings)) as c:
+        for model_id, folder in (("ft", llama_ft), ("other", other_ft)):
+            assert wait_job(c, upload(c, folder, model_id, rate=0.5)["job_id"])["state"] == "done"
+        old, new = text(c, "ft"), text(c, "other")  # ft is cached now
+        assert old != new  # else the check below could not fail
+        acc = upload(c, other_ft, "ft", rate=0.5, replace="true")
+        assert wait_job(c, acc["job_id"])["state"] == "done"
+        assert text(c, "ft") == new
+
+
 def test_upload_with_calib_texts_searches_q(llama: TestClient, llama_ft: Path) -> None:
     """darex_q without q plus calibration texts: q is searched by the output change."""
     calib = "\n".join(f"question {i}: what is {i} plus {2 * i}?" for i in range(12))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.api.errors import describe
-from server.errors import ModelBusy, ModelRetired
+from server.errors import ModelBusy, ModelRetired, SchedulerClosed
 from server.generation import SamplingParams
 from server.scheduler import Scheduler
 from storage.errors import UnknownModel
@@ -64,6 +64,36 @@ def test_fairness_bounds_the_wait_of_another_model(sched) -> None:
 
     asyncio.run(main())
     assert order.index("b") == 2, order
+
+
+def test_close_fails_the_calls_still_queued_instead_of_leaving_them_waiting(
+    llama_engine,
+) -> None:
+    """A call queued behind a busy worker when the server stops: its caller gets
+    SchedulerClosed (an upload's job thread waiting in ``call_sync`` would hang for ever)."""
+    s = Scheduler(llama_engine, max_batch_size=4)
+    gate, running = threading.Event(), threading.Event()
+    busy = threading.Thread(target=s.call_sync, args=(lambda: running.set() or gate.wait(),))
+    busy.start()
+    assert running.wait(10)
+    outcome: list[object] = []
+
+    def queued() -> None:
+        try:
+            outcome.append(s.call_sync(lambda: "ran"))
+        except SchedulerClosed as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=queued)
+    waiter.start()
+    time.sleep(0.05)  # queued behind the busy call
+    s.close(timeout=0.1)
+    waiter.join(10)
+    assert not waiter.is_alive() and isinstance(outcome[0], SchedulerClosed), outcome
+    gate.set()
+    busy.join(10)
+    with pytest.raises(SchedulerClosed):
+        s.call_sync(lambda: "late")
 
 
 def test_seeded_sampling_is_reproducible_and_top_p_zero_is_greedy(sched) -> None:

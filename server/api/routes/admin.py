@@ -10,6 +10,7 @@ thread that writes its progress to the registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from server.api.jobs import effective_job
 from server.api.schemas import Deleted, JobAccepted, JobPublic, ModelPublic
 from server.api.state import AppState
 from server.api.upload import Upload, receive_upload
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, SchedulerClosed
 from server.logging import model_id_var
 from storage.blobs import MissingBlob
 from storage.errors import (
@@ -213,6 +214,19 @@ def _report_progress(reg: Registry, job_id: str, fraction: float, message: str) 
         log.warning("job progress not recorded: %s", e, extra={"job_id": job_id})
 
 
+def _forget_cached(state: AppState, model_id: str) -> None:
+    """Drop this server's cached copy of a model just stored (a replaced version's delta,
+    task and labels), between batches, before its job reads done: from then on every
+    request runs the new version. The registry watcher would drop it too, but only at
+    its next check (``DAREX_REGISTRY_TTL_S`` later); other replicas still learn of it so."""
+    sched, engine = state.scheduler, state.engine
+    forget = getattr(engine, "forget", None)
+    if sched is None or forget is None:
+        return
+    with contextlib.suppress(SchedulerClosed):  # shutting down: no request runs on it
+        sched.call_sync(lambda: forget(model_id))
+
+
 def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
     from storage.ingest import ingest
 
@@ -235,6 +249,7 @@ def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: d
         m = result.manifest
         qs = f" q={m.q:g}" if isinstance(m.q, float) else ""
         msg = f"stored {m.method} p={m.p}{qs}: {m.stored_bytes()} bytes, {m.ratio:.4f} of fp16"
+        _forget_cached(state, model_id)
         reg.update_job(job_id, state="done", progress=1.0, message=msg)
         log.info("ingest done: %s", msg, extra={"model_id": model_id, "job_id": job_id})
     except Exception as e:
