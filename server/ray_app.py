@@ -52,8 +52,9 @@ from server.api.errors import (
     unparsable_body,
 )
 from server.api.routes.common import check_dimensions, check_prompt, check_task
-from server.api.routes.openai import model_list, render_chat
+from server.api.routes.openai import model_card, model_list, render_chat
 from server.api.schemas import (
+    COMPLETION_MAX_TOKENS,
     ChatRequest,
     ClassifyRequest,
     ClassifyResponse,
@@ -146,7 +147,8 @@ class Runtime:
         else:
             if not isinstance(req.prompt, str):
                 raise InvalidRequest("prompt: the Ray app serves one prompt a request", "prompt")
-            field, params = "prompt", req.sampling(16)
+            default = min(COMPLETION_MAX_TOKENS, self.settings.max_new_tokens)
+            field, params = "prompt", req.sampling(default)
             ids = encode_prompt(tok, req.prompt)
         cap = self.settings.max_new_tokens
         check_prompt(self.engine, cap, ids, params, field, req.asked_max())
@@ -164,7 +166,8 @@ class Runtime:
             }
             obj, prefix = "chat.completion", "chatcmpl"
         else:
-            choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason}
+            text = (req.prompt if req.echo else "") + chunk.text
+            choice = {"index": 0, "text": text, "finish_reason": chunk.finish_reason}
             obj, prefix = "text_completion", "cmpl"
         return {
             "id": f"{prefix}-{uuid.uuid4().hex}",
@@ -226,6 +229,17 @@ class DarexReplica:
         rt = self.rt
         out = await asyncio.to_thread(model_list, rt.base_name, rt.started, rt.store)
         return out.model_dump()
+
+    async def model(self, model_id: str) -> tuple[int, dict[str, Any]]:
+        """(status, body) of ``GET /v1/models/{model_id}``: its card, or a 404."""
+        rt = self.rt
+        try:
+            card = await asyncio.to_thread(model_card, model_id, rt.base_name, rt.started, rt.store)
+            return 200, card.model_dump()
+        except Exception as e:
+            status, err = describe(e)
+            log_error(status, err, e)
+            return status, err
 
     def check_health(self) -> None:
         """Ray restarts a replica whose scheduler thread died, or whose weights are not
@@ -304,6 +318,13 @@ class DarexIngress:
         if (refused := self._refused(request)) is not None:
             return refused
         return await self.replica.models.remote()
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> Any:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        status, body = await self.replica.model.remote(model_id)
+        return JSONResponse(body, status_code=status)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

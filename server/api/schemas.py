@@ -77,6 +77,10 @@ def _is_off(name: str, value: Any) -> bool:
 
 _OFF = Field(None, description="Not supported: accepted only when off (null, false, 0, empty).")
 
+# /v1/completions generates this many tokens when max_tokens is not sent (OpenAI's default),
+# or the server's DAREX_MAX_NEW_TOKENS when that is lower
+COMPLETION_MAX_TOKENS = 16
+
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat (OpenAI names and defaults)."""
@@ -117,6 +121,21 @@ class _Sampling(BaseModel):
             )
         return v
 
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any, info: ValidationInfo) -> Any:
+        """null means the default, as in OpenAI's API (clients and wrappers send it)."""
+        if v is None:
+            return cls.model_fields[info.field_name or ""].default
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and not info.data.get("stream"):  # as OpenAI refuses it
+            raise ValueError("only allowed when stream is true")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
@@ -151,8 +170,18 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(description="One prompt, or a list (one choice each).")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=f"Tokens to generate at most; null or absent: {COMPLETION_MAX_TOKENS} "
+        "(or the server's limit when lower).",
+    )
     echo: bool = False
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo(cls, v: Any) -> Any:
+        return False if v is None else v
 
     @field_validator("prompt")
     @classmethod

@@ -120,6 +120,12 @@ def test_models_lists_base_and_registry(ray_url: str, tiny_bert_dir: Path) -> No
     models = httpx.get(f"{ray_url}/v1/models", headers=KEY, timeout=30).json()
     ids = [m["id"] for m in models["data"]]
     assert ids == [str(tiny_bert_dir), *sorted(LABELS)]
+    for card in models["data"]:  # GET /v1/models/{id}, a base id with slashes included
+        r = httpx.get(f"{ray_url}/v1/models/{card['id']}", headers=KEY, timeout=30)
+        assert r.status_code == 200 and r.json() == card, r.text
+    r = httpx.get(f"{ray_url}/v1/models/no-such-model", headers=KEY, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    assert httpx.get(f"{ray_url}/v1/models/cls-a", timeout=30).status_code == 401
 
 
 def test_multiplexing_keeps_a_model_on_the_replica_that_holds_it(ray_url: str) -> None:

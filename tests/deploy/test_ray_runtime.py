@@ -38,6 +38,21 @@ def test_completions_and_chat_answer_with_the_apps_defaults(rt) -> None:
     assert out["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_completions_echo_and_default_length_as_darex_serve(rt, monkeypatch) -> None:
+    """``echo`` puts the prompt before the completion; without max_tokens a completion is
+    16 tokens, or the server's DAREX_MAX_NEW_TOKENS when that is lower."""
+    body = {"model": rt.base_name, "prompt": "hello", "max_tokens": 3, "temperature": 0}
+    plain = infer(rt, "completions", body)["choices"][0]["text"]
+    echoed = infer(rt, "completions", {**body, "echo": True})["choices"][0]["text"]
+    assert echoed == "hello" + plain
+    del body["max_tokens"]
+    assert infer(rt, "completions", body)["usage"]["completion_tokens"] == 16
+    monkeypatch.setattr(rt.settings, "max_new_tokens", 5)
+    assert infer(rt, "completions", body)["usage"]["completion_tokens"] == 5
+    with pytest.raises(InvalidRequest, match="max_tokens: 6 is more than"):
+        infer(rt, "completions", {**body, "max_tokens": 6})
+
+
 @pytest.mark.parametrize(
     ("kind", "extra", "param", "words"),
     [

@@ -147,6 +147,82 @@ def test_errors_through_the_openai_client(tiny: Live) -> None:
         assert "darex_swaps_total" in c.get("/metrics").text
 
 
+def test_openai_client_conventions(tiny: Live) -> None:
+    """What the openai client and its wrappers do: retrieve a model, send null for a
+    parameter they leave at its default, ask for the usage at the end of a stream."""
+    c = tiny.client
+    assert c.models.retrieve("ft-a").id == "ft-a"
+    assert c.models.retrieve(tiny.base_id).owned_by == "base"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("nobody")
+    assert e.value.body["code"] == "model_not_found" and "nobody" in e.value.body["message"]
+
+    msgs = [{"role": "user", "content": "hello there"}]
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None}
+    plain = c.chat.completions.create(model="ft-a", messages=msgs, max_tokens=6, seed=3)
+    with_nulls = c.chat.completions.create(
+        model="ft-a", messages=msgs, max_tokens=6, seed=3, **nulls
+    )
+    assert with_nulls.choices[0].message.content == plain.choices[0].message.content
+    done = c.completions.create(model="ft-a", prompt="hi", max_tokens=None, echo=None)
+    assert done.usage.completion_tokens == 16  # the default, null or absent
+
+    events = list(
+        c.completions.create(
+            model="ft-b",
+            prompt="serving many",
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    *tokens, last = events
+    assert last.choices == [] and last.usage.completion_tokens == 7, last
+    assert all(e.usage is None and len(e.choices) == 1 for e in tokens)
+    assert tokens[-1].choices[0].finish_reason == "length"
+    with httpx.Client(base_url=tiny.url, timeout=30) as h:
+        body = {"model": "ft-a", "prompt": "hi", "max_tokens": 2}
+        r = h.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "stream_options", r.text
+        with h.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.headers["cache-control"] == "no-cache", r.headers
+            assert r.headers["x-accel-buffering"] == "no", r.headers
+            assert r.read().endswith(b"data: [DONE]\n\n")
+
+
+def test_a_client_that_leaves_stops_its_generation(tiny: Live) -> None:
+    """A non-streaming completion whose client times out is cancelled: the engine stops
+    generating for it instead of running on to max_tokens for nobody."""
+    sched = tiny.app.state.darex.scheduler
+    real_submit, chunks = sched._submit, []
+
+    def spy(*args, **kw):
+        req = real_submit(*args, **kw)
+        put = req.sink.put
+        req.sink.put = lambda item: (chunks.append(item), put(item))
+        return req
+
+    sched._submit = spy
+    try:
+        body = {"model": tiny.base_id, "prompt": "hi", "max_tokens": 250, "temperature": 0}
+        with (
+            httpx.Client(base_url=tiny.url, timeout=0.1) as c,
+            pytest.raises(httpx.TimeoutException),
+        ):
+            c.post("/v1/completions", json=body)
+        deadline = time.monotonic() + 30
+        while (sum(sched._running.values()) or sched.queue_depth()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sched._submit = real_submit
+    assert chunks, "the request never reached the engine"
+    assert not any(getattr(c, "finish_reason", None) for c in chunks), chunks[-1]
+    assert len(chunks) < 250
+    metrics = httpx.get(f"{tiny.url}/metrics").text  # the client's doing: 499, not a 5xx
+    assert f'endpoint="/v1/completions",model="{tiny.base_id}",status="499"' in metrics
+
+
 @pytest.mark.slow
 def test_real_encoder_base_classifies_an_uploaded_finetune(tmp_path_factory) -> None:
     """minilm-l6: a full classification fine-tune uploaded, served, equal to the engine."""

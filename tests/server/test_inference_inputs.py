@@ -437,6 +437,22 @@ def test_sampling_refusals_name_the_field_the_client_sent(
     assert err["param"] == param, err
 
 
+def test_completions_default_length_follows_a_lower_server_limit(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """With DAREX_MAX_NEW_TOKENS=5 a completion that sends no max_tokens (or null) gets 5
+    tokens, not a 422 about the 16 it never asked for; asking for more is still refused."""
+    settings = make_settings(tmp_path, str(tiny_llama_dir), max_new_tokens=5)
+    with TestClient(create_app(settings)) as c:
+        body = {"model": c.app.state.darex.base_id, "prompt": "hi", "temperature": 0}
+        for extra in ({}, {"max_tokens": None}):
+            r = c.post("/v1/completions", json={**body, **extra})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 5
+        err = assert_error(c.post("/v1/completions", json={**body, "max_tokens": 6}), 422)
+        assert err["param"] == "max_tokens" and "limit of 5" in err["message"], err
+
+
 def test_the_off_values_of_unsupported_parameters_are_accepted(llama: TestClient) -> None:
     """What clients send by default (logprobs false, penalties 0, best_of 1, text format)."""
     base = llama.app.state.darex.base_id

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from server.api.errors import describe, log_error
 from server.api.state import AppState
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
     from server.engine import Engine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def resolve_model(
@@ -95,6 +99,44 @@ def check_dimensions(engine: Engine, dimensions: int | None) -> None:
 def sse(obj: dict | str) -> bytes:
     data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
+
+
+DISCONNECT_POLL_S = 0.25  # how often a request being generated checks for its client
+
+
+async def unless_client_left(request: Request, aw: Awaitable[T]) -> T:
+    """``await aw``, cancelling it (and so its queued or running generation) once the
+    client has disconnected: a client that timed out, and the retries an OpenAI client
+    then sends, must not keep the engine busy for answers nobody reads. Raises
+    ``ClientDisconnect`` (status 499) then."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client left: its request is cancelled")
+                raise ClientDisconnect()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+# a proxy in front (nginx buffers by default) must pass each event on as it comes
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_response(
+    chunks: AsyncIterator[Chunk], frame: Callable[[Chunk], list[dict]], state: AppState, model: str
+) -> StreamingResponse:
+    """A ``text/event-stream`` response of ``sse_stream``, with headers that keep proxies
+    and caches from holding tokens back."""
+    return StreamingResponse(
+        sse_stream(chunks, frame, state, model), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 async def sse_stream(

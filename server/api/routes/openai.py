@@ -15,11 +15,17 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from server.api.deps import SchedulerDep, StateDep, require_api_key
-from server.api.routes.common import check_dimensions, check_prompt, resolve_model, sse_stream
+from server.api.routes.common import (
+    check_dimensions,
+    check_prompt,
+    resolve_model,
+    sse_response,
+    unless_client_left,
+)
 from server.api.schemas import (
+    COMPLETION_MAX_TOKENS,
     ChatChoice,
     ChatChoiceMessage,
     ChatMessage,
@@ -36,7 +42,7 @@ from server.api.schemas import (
 )
 from server.errors import InvalidRequest
 from server.generation import Chunk, encode_prompt
-from storage.errors import StorageError
+from storage.errors import StorageError, UnknownModel
 from storage.store import DeltaStore
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
@@ -68,6 +74,22 @@ def _usage(chunks: list[Chunk]) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
 
 
+def _chunk_base(rid: str, obj: str, created: int, body: CompletionRequest | ChatRequest) -> dict:
+    """The fields every streamed chunk carries; ``usage`` null until the last one when the
+    client asked for it (``stream_options.include_usage``), as OpenAI sends it."""
+    base = {"id": rid, "object": obj, "created": created, "model": body.model}
+    if body.include_usage:
+        base["usage"] = None
+    return base
+
+
+def _usage_chunk(base: dict, c: Chunk, body: CompletionRequest | ChatRequest) -> list[dict]:
+    """After the finishing chunk, when asked for: one more with no choices and the usage."""
+    if c.finish_reason is None or not body.include_usage:
+        return []
+    return [{**base, "choices": [], "usage": _usage([c]).model_dump()}]
+
+
 async def _all_or_none(coros: list) -> list:
     """Every result, or the first error with the others cancelled: ``gather`` alone would
     leave them generating up to max_tokens for a response that is already an error."""
@@ -85,18 +107,40 @@ async def list_models(state: StateDep) -> ModelList:
     return await asyncio.to_thread(model_list, state.base_id, state.started, state.store)
 
 
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, state: StateDep) -> ModelCard:
+    """One card of ``/v1/models``; 404 ``model_not_found`` for an id it does not list.
+    (``:path``: a base served from a local folder has slashes in its id.)"""
+    return await asyncio.to_thread(model_card, model_id, state.base_id, state.started, state.store)
+
+
+def _card(model_id: str, key: str, store: DeltaStore) -> ModelCard:
+    """A fine-tune's card; ``created`` 0 when its manifest cannot be read (using the model
+    names the problem)."""
+    try:
+        created = int(store.created_of(key))
+    except (StorageError, KeyError, OSError):
+        created = 0
+    return ModelCard(id=model_id, created=created)
+
+
 def model_list(base_id: str, started: float, store: DeltaStore | None) -> ModelList:
     """The base (``created``: when the server started), then the fine-tunes of it
-    (``created``: when each was stored; 0 when its manifest cannot be read, where using
-    the model names the problem). Shared by ``darex serve`` and the Ray app."""
+    (``created``: when each was stored). Shared by ``darex serve`` and the Ray app."""
     cards = [ModelCard(id=base_id, created=int(started), owned_by="base")]
-    for model_id, key in sorted((store.models() if store is not None else {}).items()):
-        try:
-            created = int(store.created_of(key))  # type: ignore[union-attr]
-        except (StorageError, KeyError, OSError):
-            created = 0
-        cards.append(ModelCard(id=model_id, created=created))
+    if store is not None:
+        cards += [_card(m, key, store) for m, key in sorted(store.models().items())]
     return ModelList(data=cards)
+
+
+def model_card(model_id: str, base_id: str, started: float, store: DeltaStore | None) -> ModelCard:
+    """The card ``model_list`` lists for ``model_id``, or ``UnknownModel``."""
+    if model_id == base_id:
+        return ModelCard(id=base_id, created=int(started), owned_by="base")
+    key = store.models().get(model_id) if store is not None else None
+    if key is None:
+        raise UnknownModel(f"model {model_id!r} is not served here (GET /v1/models lists them)")
+    return _card(model_id, key, store)  # type: ignore[arg-type]
 
 
 @router.post("/completions", response_model=CompletionResponse)
@@ -104,7 +148,7 @@ async def completions(
     body: CompletionRequest, request: Request, state: StateDep, sched: SchedulerDep
 ):
     target, _ = await resolve_model(state, request, body.model, GENERATE, "/v1/completions")
-    params = body.sampling(16)
+    params = body.sampling(min(COMPLETION_MAX_TOKENS, state.settings.max_new_tokens))
     tok = state.engine.tokenizer
     prompts = await asyncio.to_thread(lambda: [encode_prompt(tok, p) for p in body.prompts])
     for ids in prompts:
@@ -121,25 +165,15 @@ async def completions(
         def frame(c: Chunk) -> list[dict]:
             nonlocal echo
             text, echo = echo + c.text, ""
-            out = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [
-                    {"index": 0, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
-                ],
-            }
-            if c.finish_reason is not None and body.include_usage:
-                out["usage"] = _usage([c]).model_dump()
-            return [out]
+            base = _chunk_base(rid, "text_completion", created, body)
+            choice = {"index": 0, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
+            return [{**base, "choices": [choice]}, *_usage_chunk(base, c, body)]
 
-        chunks = sched.stream(target, prompts[0], params)
-        return StreamingResponse(
-            sse_stream(chunks, frame, state, body.model), media_type="text/event-stream"
-        )
+        return sse_response(sched.stream(target, prompts[0], params), frame, state, body.model)
 
-    done = await _all_or_none([sched.complete(target, ids, params) for ids in prompts])
+    done = await unless_client_left(
+        request, _all_or_none([sched.complete(target, ids, params) for ids in prompts])
+    )
     state.metrics.tokens.labels(body.model).inc(sum(c.completion_tokens for c in done))
     choices = [
         CompletionChoice(
@@ -171,8 +205,7 @@ async def chat_completions(
 
         def frame(c: Chunk) -> list[dict]:
             nonlocal first
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created}
-            base["model"] = body.model
+            base = _chunk_base(rid, "chat.completion.chunk", created, body)
             events = []
             if first:
                 first = False
@@ -190,17 +223,12 @@ async def chat_completions(
                     **base,
                     "choices": [{"index": 0, "delta": {}, "finish_reason": c.finish_reason}],
                 }
-                if body.include_usage:
-                    end["usage"] = _usage([c]).model_dump()
-                events.append(end)
+                events += [end, *_usage_chunk(base, c, body)]
             return events
 
-        chunks = sched.stream(target, ids, params)
-        return StreamingResponse(
-            sse_stream(chunks, frame, state, body.model), media_type="text/event-stream"
-        )
+        return sse_response(sched.stream(target, ids, params), frame, state, body.model)
 
-    c = await sched.complete(target, ids, params)
+    c = await unless_client_left(request, sched.complete(target, ids, params))
     state.metrics.tokens.labels(body.model).inc(c.completion_tokens)
     choice = ChatChoice(
         index=0, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason
