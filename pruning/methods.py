@@ -231,13 +231,25 @@ def wanda(
         if k == cols:
             idx = torch.arange(d.numel(), device=d.device)
         else:
-            parts, block = [], max(1, CHUNK // cols)  # rows scored per step
+            # round((1-p) * cols) can be 0 (p = 0.999 on 384 columns) while the tensor's
+            # budget is not: then the round((1-p) * numel) rows whose best entry scores
+            # highest keep that entry, rather than the whole delta being dropped
+            total = keep_count(d.numel(), p) if k == 0 else 0
+            parts, bests, block = [], [], max(1, CHUNK // cols)  # rows scored per step
             for r0 in range(0, rows, block):
                 score = d[r0 : r0 + block].abs().float() * norm[None, :]  # (block, in)
-                col_idx = torch.topk(score, k, dim=1, sorted=False).indices  # (block, k)
                 base = torch.arange(r0, r0 + score.shape[0], device=d.device)[:, None] * cols
-                parts.append((col_idx + base).reshape(-1))
-            idx = torch.sort(torch.cat(parts)).values
+                if total:
+                    best = score.max(dim=1)
+                    bests.append(best.values)
+                    parts.append(best.indices + base[:, 0])
+                else:
+                    col_idx = torch.topk(score, k, dim=1, sorted=False).indices  # (block, k)
+                    parts.append((col_idx + base).reshape(-1))
+            idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+            if total:
+                idx = idx[torch.topk(torch.cat(bests), total, sorted=False).indices]
+            idx = torch.sort(idx).values
     else:
         raise PruningError(f"tensor {name!r}: wanda per must be 'row' or 'tensor', got {per!r}")
     return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, None)

@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from pruning.delta import check_names, compute_delta
 from pruning.errors import NonFiniteDelta, PruningError, ShapeMismatch
-from pruning.methods import Method, dare, darex_q, magnitude, prune_tensor, structural, wanda
+from pruning.methods import (
+    Method,
+    dare,
+    darex_q,
+    keep_count,
+    magnitude,
+    prune_tensor,
+    structural,
+    wanda,
+)
 from pruning.sparse import keep_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -172,6 +181,22 @@ def test_wanda_orders_by_delta_times_input_norm(per: str) -> None:
         assert score[kept].min() >= score[~kept].max()
     # The input norm changes the choice: it is not plain magnitude.
     assert not torch.equal(sd.indices, magnitude(d, p, name="w").indices)
+
+
+def test_wanda_per_row_keeps_the_tensors_budget_when_a_row_rounds_to_nothing() -> None:
+    """p = 0.999 on 384 columns: round(0.384) is 0 per row, yet the tensor's budget is
+    round(0.001 * numel) entries; those go to the rows whose best entry scores highest
+    (before, the whole delta was dropped)."""
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(1536, 384, generator=g) * 1e-3
+    col_norm = torch.rand(384, generator=g)
+    sd = wanda(d, 0.999, col_norm, per="row", name="w")
+    assert sd.nnz == keep_count(d.numel(), 0.999) == 590
+    rows, cols = sd.indices // 384, sd.indices % 384
+    best = (d.abs() * col_norm[None, :]).max(dim=1)
+    assert rows.unique().numel() == 590 and torch.equal(cols, best.indices[rows])
+    assert best.values[rows].min() >= best.values[~torch.isin(torch.arange(1536), rows)].max()
+    assert wanda(d, 0.99, col_norm, per="row", name="w").nnz == 1536 * 4  # round(3.84)
 
 
 def test_structural_drops_whole_rows_or_columns_unbiased() -> None:
