@@ -439,6 +439,11 @@ def prune(
             raise typer.BadParameter("dare rescales by 1/(1-p); use --method darex_q for a q")
         if q_mode == "labeled" and m is not Method.darex_q:
             raise typer.BadParameter("--q labeled searches DAREx-q's q: use --method darex_q")
+        if q_mode in ("outchange", "analytical") and m is not Method.darex_q:
+            raise typer.BadParameter(
+                f"--q {q_mode} finds q for DAREx-q's random mask, not {method}'s: use "
+                f"--method darex_q, or --q auto (least squares on {method}'s own mask)"
+            )
         if q_mode == "labeled" and val is None:
             raise typer.BadParameter("--q labeled needs --val FILE (labeled examples)")
         if val is not None and q_mode != "labeled":

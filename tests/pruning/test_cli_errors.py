@@ -90,6 +90,17 @@ def test_inspect_refuses_a_negative_limit(tiny_bert_dir: Path, bert_ft: Path, no
         (["--method", "nope"], "unknown method 'nope'; methods: dare, darex_q"),
         (["--method", "darex_q", "--q", "analytical", "--calib", "CALIB", "--eta", "nan"], "--eta"),
         (["--method", "darex_q", "--q", "analytical", "--calib", "CALIB", "--eta", "0"], "--eta"),
+        # q fitted to DARE's mask would be applied to another method's (and WANDA's input
+        # norms were not measured with outchange: it ran as magnitude)
+        (
+            ["--method", "wanda", "--q", "outchange", "--calib", "CALIB"],
+            "--q outchange finds q for DAREx-q's random mask, not wanda's",
+        ),
+        (
+            ["--method", "magnitude", "--q", "analytical", "--calib", "CALIB"],
+            "--q analytical finds q for DAREx-q's random mask, not magnitude's",
+        ),
+        (["--method", "structural", "--q", "outchange", "--calib", "CALIB"], "--q auto"),
     ],
 )
 def test_prune_bad_values_exit_2_before_any_work(
