@@ -412,6 +412,7 @@ def prune(
 ) -> None:
     """Prune the delta FINETUNED - BASE and write the merged checkpoint to --out."""
     from pruning.delta import compute_delta
+    from pruning.errors import PruningError
     from pruning.methods import Method, method_for, prune_tensor
     from pruning.select import make_selector
 
@@ -518,6 +519,10 @@ def prune(
                 )
             return layer_qs[fname]
 
+        # matrices the calibration did not measure (an input that is not an nn.Linear's,
+        # such as GPT-2's Conv1D): WANDA prunes them by magnitude, their per-layer q is 1-p
+        uses_stats = m is Method.wanda or q_mode in ("auto", "analytical")
+        unmeasured: list[str] = []
         for fname in tqdm(names, desc="prune", unit="tensor"):
             w_ft = f.get(fname)
             bname = ft_to_base.get(fname)
@@ -528,6 +533,8 @@ def prune(
             d = compute_delta(w_base, w_ft, fname)
             tq = q_of(fname, bname, d)
             st = stats.get(fname)
+            if st is None and uses_stats and d.dim() == 2:
+                unmeasured.append(fname)
             cn = None if st is None else st.col_norm
             mt = method_for(m, d, cn)  # WANDA without input norms: magnitude
             sd = prune_tensor(
@@ -535,6 +542,12 @@ def prune(
             )
             w = w_base.to(w_ft.dtype).clone().reshape(-1)
             w[sd.indices] = (w_base.reshape(-1)[sd.indices].float() + sd.values.float()).to(w.dtype)
+            if not bool(torch.isfinite(w[sd.indices]).all()):
+                raise PruningError(
+                    f"tensor {fname!r}: base + pruned delta is past the range of {w.dtype} "
+                    "(the rescaled delta is too large to be written in the checkpoint's dtype); "
+                    "use a smaller --rate or --q"
+                )
             writer.write(fname, w.view(w_ft.shape))
             report[bname] = {"nnz": sd.nnz, "numel": sd.numel, "scale": sd.scale}
             kept, total = kept + sd.nnz, total + sd.numel
@@ -556,8 +569,19 @@ def prune(
                 "unpruned": found.unpruned,
                 "tried": [list(t) for t in found.tried],
             }
+        if unmeasured:
+            summary["unmeasured"] = unmeasured
         (out / PRUNE_RECORD).write_text(json.dumps(summary, indent=1))
         created = False  # complete: kept whatever happens next
+        if unmeasured:
+            how = "pruned by magnitude" if m is Method.wanda else "given q = 1-p"
+            typer.echo(
+                f"warning: {len(unmeasured)} matrices had no calibration inputs (only "
+                f"nn.Linear layers are measured), so they were {how}: "
+                f"{', '.join(unmeasured[:3])}{', ...' if len(unmeasured) > 3 else ''} "
+                f'(listed under "unmeasured" in {PRUNE_RECORD})',
+                err=True,
+            )
         console.print(
             f"pruned {len(report)} tensors ({m.value}, p={p}): kept {kept:,} of {total:,} "
             f"entries ({kept / max(total, 1):.2%}); wrote {out}"

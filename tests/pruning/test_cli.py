@@ -143,6 +143,48 @@ def test_prune_darex_q_with_calibration(tiny_bert_dir, bert_ft, calib_file, tmp_
             assert scales[b] == scales[w] != pytest.approx(10.0)
 
 
+def test_matrices_the_calibration_cannot_measure_are_named(calib_file, tmp_path) -> None:
+    """GPT-2 keeps its attention and MLP weights in Conv1D modules, whose inputs the
+    calibration (nn.Linear hooks) does not see: WANDA prunes them by magnitude, and the
+    prune says so and lists them, instead of passing magnitude off as WANDA."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import _copy_tokenizer
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=30522, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    _copy_tokenizer(tmp_path / "base")
+    ft = _finetune(tmp_path / "base", tmp_path / "ft", 5e-3)
+    args = ["prune", tmp_path / "base", ft, "--method", "wanda", "--rate", "0.9"]
+    args += ["--calib", calib_file, "--out", tmp_path / "out"]
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "out" / "darex_prune.json").read_text())
+    unmeasured = record["unmeasured"]
+    assert "transformer.h.0.attn.c_attn.weight" in unmeasured
+    assert "transformer.h.0.mlp.c_proj.weight" in unmeasured
+    assert f"warning: {len(unmeasured)} matrices had no calibration inputs" in res.stderr
+    assert "pruned by magnitude" in res.stderr
+
+
+def test_a_pruned_weight_past_its_dtypes_range_is_refused(tiny_bert_dir, tmp_path) -> None:
+    """An fp16 checkpoint whose rescaled delta takes a weight past 65504: the prune fails
+    naming the tensor and leaves no output, rather than writing inf into it."""
+    ft = _finetune(tiny_bert_dir, tmp_path / "ft", 0.0)
+    sd = load_file(ft / "model.safetensors")
+    name = "encoder.layer.0.attention.self.query.weight"
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    sd[name] = sd[name] + 1000.0  # x 100 at p = 0.99: 1e5, past fp16's range
+    save_file(sd, ft / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    args = ["prune", tiny_bert_dir, ft, "--method", "dare", "--rate", "0.99", "--out", out]
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 1, res.output
+    assert name in res.output and "past the range of torch.float16" in res.output
+    assert not out.exists()
+
+
 def test_prune_wanda_and_decoder_defaults(tiny_llama_dir, calib_file, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
