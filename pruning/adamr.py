@@ -16,6 +16,7 @@ delta ``W - W0`` small, so DARE at a high rate hurts less afterwards.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,14 +37,9 @@ class AdamR(Optimizer):
         norm: str = "l2",
         reference: Iterable[torch.Tensor] | None = None,
     ) -> None:
-        if lr < 0 or eps < 0 or reg < 0:
-            raise ValueError(f"lr, eps and reg must be >= 0, got {lr}, {eps}, {reg}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if norm not in ("l2", "l1"):
-            raise ValueError(f"norm must be 'l2' or 'l1', got {norm!r}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "reg": reg, "norm": norm}
-        super().__init__(params, defaults)
+        _check_options(defaults, "AdamR")
+        super().__init__(params, defaults)  # each group through add_param_group
         plist = [p for g in self.param_groups for p in g["params"]]
         refs = list(reference) if reference is not None else [p.detach() for p in plist]
         if len(refs) != len(plist):
@@ -52,6 +48,17 @@ class AdamR(Optimizer):
             if tuple(r.shape) != tuple(p.shape):
                 raise ValueError(f"reference shape {tuple(r.shape)} != param {tuple(p.shape)}")
             self.state[p]["reference"] = r.detach().to(p.device, p.dtype).clone()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group's options are checked like the constructor's (a ``norm`` other than l2
+        or l1, a NaN or negative ``reg`` would otherwise pass unnoticed), and a group
+        added after construction is pulled toward its weights as they are now."""
+        where = f"param group {len(self.param_groups)}"
+        _check_options({**self.defaults, **param_group}, where)  # before it is added
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if "reference" not in self.state[p]:
+                self.state[p]["reference"] = p.detach().clone()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -104,3 +111,24 @@ class AdamR(Optimizer):
             denom = (st["exp_avg_sq"].sqrt() / (bias_correction2**0.5)).add_(eps)
             p.addcdiv_(st["exp_avg"], denom, value=-step_size)
         return loss
+
+
+def _check_options(opts: dict[str, Any], where: str) -> None:
+    """``ValueError`` naming ``where`` and the option unless lr, eps, reg are finite and
+    >= 0, betas in [0, 1) and norm l2 or l1 (NaN fails every comparison, so it fails)."""
+
+    def number(v: Any) -> float:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return math.nan
+
+    for key in ("lr", "eps", "reg"):
+        if not 0 <= number(opts[key]) < math.inf:
+            raise ValueError(f"{where}: {key} must be a finite number >= 0, got {opts[key]!r}")
+    betas = opts["betas"]
+    ok = isinstance(betas, tuple | list) and len(betas) == 2
+    if not (ok and all(0 <= number(b) < 1 for b in betas)):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
+    if opts["norm"] not in ("l2", "l1"):
+        raise ValueError(f"{where}: norm must be 'l2' or 'l1', got {opts['norm']!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -72,6 +74,41 @@ def test_bad_arguments() -> None:
         AdamR(net.parameters(), norm="l3")
     with pytest.raises(ValueError, match="reference has 1 tensors"):
         AdamR(net.parameters(), reference=[torch.zeros(1)])
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"lr": float("nan")}, "lr must be a finite number >= 0"),
+        ({"reg": -1.0}, "reg must be a finite number >= 0"),
+        ({"reg": float("nan")}, "reg must be a finite number >= 0"),
+        ({"eps": float("inf")}, "eps must be a finite number >= 0"),
+        ({"betas": (0.9, 1.0)}, "betas must be two numbers in [0, 1)"),
+        ({"norm": "L2"}, "norm must be 'l2' or 'l1', got 'L2'"),
+    ],
+)
+def test_options_of_each_param_group_are_checked(options: dict, says: str) -> None:
+    """In the constructor and in a group of their own (where a norm of "L2" ran the L1
+    pull and a NaN reg was skipped, unannounced)."""
+    net, _, _ = _problem()
+    first, second = list(net[0].parameters()), list(net[2].parameters())
+    with pytest.raises(ValueError, match=f"AdamR: {re.escape(says)}"):
+        AdamR(net.parameters(), **options)
+    with pytest.raises(ValueError, match=f"param group 1: {re.escape(says)}"):
+        AdamR([{"params": first}, {"params": second, **options}], reg=0.1)
+
+
+def test_a_group_added_later_is_pulled_toward_its_weights_at_that_time() -> None:
+    net, x, y = _problem()
+    opt = AdamR(net[0].parameters(), lr=1e-2, reg=0.5)
+    added = [p.detach().clone() for p in net[2].parameters()]
+    opt.add_param_group({"params": list(net[2].parameters())})  # was a KeyError at step()
+    _train(net, opt, x, y, 3)
+    ref = [opt.state[p]["reference"] for p in net[2].parameters()]
+    assert all(torch.equal(r, a) for r, a in zip(ref, added, strict=True))
+    with pytest.raises(ValueError, match="param group 2: norm"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "norm": "ridge"})
+    assert len(opt.param_groups) == 2  # the refused group was not added
 
 
 def test_works_as_the_optimizer_of_transformers_trainer(tmp_path) -> None:
