@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pruning.errors import NonFiniteDelta, PruningError
-from pruning.sparse import SparseDelta, hash32, keep_threshold, mask_key
+from pruning.sparse import SparseDelta, hash32, keep_threshold, mask_key, rate_limit_problem
 
 CHUNK = 1 << 18  # elements hashed per step: int64 temporaries of 2 MiB each
 
@@ -44,6 +44,8 @@ def check_rate(p: float, name: str) -> float:
         raise PruningError(f"tensor {name!r}: pruning rate must be a number, got {p!r}") from e
     if not (0.0 <= p < 1.0) or math.isnan(p):
         raise PruningError(f"tensor {name!r}: pruning rate p must be in [0, 1), got {p}")
+    if why := rate_limit_problem(p):
+        raise PruningError(f"tensor {name!r}: {why}")
     return p
 
 
@@ -312,7 +314,13 @@ def prune_tensor(
     col_norm: torch.Tensor | None = None,
     **kw: Any,
 ) -> SparseDelta:
-    """Dispatch to one method. ``kw`` passes ``per`` (wanda) or ``axis`` (structural)."""
+    """Dispatch to one method. ``kw`` passes ``per`` (wanda) or ``axis`` (structural);
+    the method that does not read one ignores it, any other keyword is refused."""
+    if unknown := sorted(set(kw) - {"per", "axis"}):
+        raise PruningError(
+            f"tensor {name!r}: unknown option(s) {', '.join(unknown)} (prune_tensor takes "
+            "per for wanda and axis for structural)"
+        )
     try:
         m = Method(method)
     except ValueError as e:

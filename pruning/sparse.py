@@ -61,10 +61,28 @@ def mask_key(seed: int, name: str) -> tuple[int, int]:
     return int.from_bytes(digest[0:4], "little"), int.from_bytes(digest[4:8], "little")
 
 
+# The highest pruning rate: above it, 1-p is under about 4,300 steps of the 32-bit hash
+# threshold, so P(keep) = threshold / 2**32 drifts from 1-p (by 7 % at p = 1 - 1e-9, to 0
+# below 1 - 1.2e-10) while the rescale stays 1/(1-p): DARE would no longer be unbiased.
+MAX_RATE = 0.999999
+
+
+def rate_limit_problem(p: float) -> str | None:
+    """Why a rate in [0, 1) is still refused (above ``MAX_RATE``), or None."""
+    if p > MAX_RATE:
+        return (
+            f"pruning rate p = {p} is above {MAX_RATE}: fewer than one entry in a million "
+            "would be kept, which the 32-bit mask cannot draw without bias"
+        )
+    return None
+
+
 def keep_threshold(p: float) -> int:
     """An element is kept iff its hash < threshold; P(keep) = threshold / 2**32 ~= 1 - p."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"pruning rate p must be in [0, 1), got {p}")
+    if why := rate_limit_problem(p):
+        raise ValueError(why)
     return min(round((1.0 - p) * 2**32), 2**32)
 
 

@@ -291,3 +291,33 @@ def test_every_method_takes_an_empty_tensor(shape) -> None:
         assert sd.nnz == 0 and tuple(sd.shape) == shape, method
     if len(shape) == 2:
         assert analytical_q(d, torch.ones(shape[1]), 0.9) == pytest.approx(0.1)
+
+
+def test_rates_past_the_masks_resolution_are_refused() -> None:
+    """Above p = 0.999999 the 32-bit threshold cannot keep 1-p of the entries (at
+    1 - 1e-10 it keeps none while the scale says 1e10): refused, naming the limit."""
+    import server.cli
+    from pruning.errors import PruningError
+    from pruning.sparse import MAX_RATE, keep_threshold
+
+    assert server.cli.MAX_RATE == MAX_RATE
+    d = torch.randn(64)
+    assert dare(d, MAX_RATE, seed=0, name="w").scale == pytest.approx(1e6)
+    for p in (0.9999991, 1 - 1e-10):
+        with pytest.raises(PruningError, match=r"tensor 'w': pruning rate p = .* above 0.999999"):
+            dare(d, p, seed=0, name="w")
+        with pytest.raises(ValueError, match=r"above 0\.999999"):
+            keep_threshold(p)
+    assert "at most 0.999999" in (server.cli.rate_problem(0.5, 0.9999999) or "")
+    assert server.cli.rate_problem(0.5, MAX_RATE) is None
+
+
+def test_prune_tensor_refuses_an_option_it_does_not_know() -> None:
+    """A typo (``axs``) pruned rows instead of the columns asked for, unannounced."""
+    from pruning.errors import PruningError
+
+    d = torch.randn(8, 8)
+    with pytest.raises(PruningError, match=r"tensor 'w': unknown option.*axs"):
+        prune_tensor("structural", d, 0.5, name="w", axs="col")
+    cols = prune_tensor("structural", d, 0.5, name="w", seed=1, axis="col")
+    assert cols.indices.numel() and len({int(i) % 8 for i in cols.indices}) < 8
