@@ -16,6 +16,7 @@ kept entries in fp32; values come back in ``d``'s dtype.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -47,6 +48,15 @@ def check_rate(p: float, name: str) -> float:
     if why := rate_limit_problem(p):
         raise PruningError(f"tensor {name!r}: {why}")
     return p
+
+
+def check_seed(seed: int, name: str) -> int:
+    """Return ``seed`` as int, or raise ``PruningError`` unless it is an integer (1.7 would
+    otherwise draw seed 1's mask, and None or "abc" fail deep in the hash)."""
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise PruningError(f"tensor {name!r}: seed must be an integer, got {seed!r}") from None
 
 
 def q_problem(q: float) -> str | None:
@@ -119,10 +129,11 @@ def darex_q(d: torch.Tensor, p: float, q: float, *, seed: int, name: str) -> Spa
     """
     p = check_rate(p, name)
     q = check_q(q, name)
+    seed = check_seed(seed, name)
     check_delta(d, name)
     idx = dare_indices(seed, name, p, d.numel(), d.device)
     scale = 1.0 / q
-    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, int(seed))
+    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, seed, name)
 
 
 def dare_indices(
@@ -272,6 +283,7 @@ def structural(
     ``(seed, f"{name}#{axis}", p)`` over rows/columns. A 1-D tensor is read as (n, 1).
     """
     p = check_rate(p, name)
+    seed = check_seed(seed, name)
     check_delta(d, name)
     if axis not in ("row", "col"):
         raise PruningError(f"tensor {name!r}: structural axis must be 'row' or 'col', got {axis!r}")

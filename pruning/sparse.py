@@ -28,7 +28,8 @@ class SparseDelta:
     ``scale`` is the rescale factor that was applied to the kept entries
     (1/(1-p) for DARE, 1/q for DAREx-q, 1.0 for plain magnitude). ``mask_seed``
     is set when ``indices`` are exactly ``kept_indices(mask_seed, name, p, numel)``
-    so the codec may store the seed instead of the indices.
+    so the codec may store the seed instead of the indices; ``mask_name`` is that
+    ``name`` (the seed redraws the mask only under it).
     """
 
     shape: tuple[int, ...]
@@ -37,6 +38,7 @@ class SparseDelta:
     p: float
     scale: float = 1.0
     mask_seed: int | None = None
+    mask_name: str | None = None
 
     @property
     def numel(self) -> int:

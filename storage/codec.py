@@ -243,6 +243,11 @@ def encode_sparse(
     if encoding == "seed":
         if sd.mask_seed is None:
             raise ValueError(f"{name}: seed encoding needs a delta drawn by the seed mask")
+        if sd.mask_name is not None and sd.mask_name != name:
+            raise ValueError(
+                f"{name}: this delta's mask was drawn for tensor {sd.mask_name!r}, and its seed "
+                "redraws it only under that name (store it under it, or encode it explicit)"
+            )
         header.update(seed=int(sd.mask_seed), p=float(sd.p))
     elif encoding == "explicit":
         gaps = torch.diff(idx, prepend=torch.zeros(1, dtype=torch.int64)).numpy()

@@ -321,3 +321,13 @@ def test_prune_tensor_refuses_an_option_it_does_not_know() -> None:
         prune_tensor("structural", d, 0.5, name="w", axs="col")
     cols = prune_tensor("structural", d, 0.5, name="w", seed=1, axis="col")
     assert cols.indices.numel() and len({int(i) % 8 for i in cols.indices}) < 8
+
+
+@pytest.mark.parametrize("seed", [1.7, None, "abc"])
+def test_a_seed_that_is_not_an_integer_is_refused(seed: object) -> None:
+    """1.7 drew seed 1's mask; None and "abc" failed inside the hash."""
+    from pruning.errors import PruningError
+
+    for method in ("dare", "structural"):
+        with pytest.raises(PruningError, match="tensor 'w': seed must be an integer"):
+            prune_tensor(method, torch.randn(4, 4), 0.5, name="w", seed=seed)  # type: ignore[arg-type]

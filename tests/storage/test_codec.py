@@ -118,6 +118,10 @@ def test_seed_mask_matches_what_pruning_drew() -> None:
         dd = decode(encode_sparse(sd, "layer.0.w", encoding="seed", value_dtype="float32"))
         assert torch.equal(dd.indices, sd.indices)
         assert torch.equal(dd.values, sd.values.float())
+    # stored under another name, the seed would redraw another mask, silently
+    with pytest.raises(ValueError, match=r"drawn for tensor 'layer\.0\.w'"):
+        encode_sparse(sd, "layer.1.w", encoding="seed")
+    assert decode(encode_sparse(sd, "layer.1.w", encoding="explicit")).nnz == sd.nnz
 
 
 def test_values_past_float16_are_stored_as_float32_not_inf() -> None:
