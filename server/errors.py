@@ -13,6 +13,11 @@ class SchedulerClosed(ServerError):
     """The scheduler is shutting down and takes no more requests."""
 
 
+class Overloaded(ServerError):
+    """As many requests wait for the engine as ``DAREX_MAX_QUEUE`` allows: a new one is
+    refused at once (503) rather than queued behind them."""
+
+
 class ModelBusy(ServerError):
     """A delete waited for the model's requests and they did not finish in time; the model
     stays registered and served."""

@@ -104,6 +104,7 @@ class Runtime:
             max_batch_size=settings.max_batch_size,
             max_batches_per_turn=settings.max_batches_per_turn,
             max_new_tokens=settings.max_new_tokens,
+            max_queue=settings.max_queue,
         )
         self.watcher = replica_watcher(self)
 

@@ -34,7 +34,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.errors import InvalidRequest, ModelBusy, ModelRetired, SchedulerClosed, WrongTask
+from server.errors import (
+    InvalidRequest,
+    ModelBusy,
+    ModelRetired,
+    Overloaded,
+    SchedulerClosed,
+    WrongTask,
+)
 from server.generation import Chunk, Row, SamplingParams, encode_prompt, generate_batch
 from storage.errors import BaseMismatch, UnknownModel
 
@@ -111,10 +118,12 @@ class Scheduler:
         max_batch_size: int = 8,
         max_batches_per_turn: int = 4,
         max_new_tokens: int = 512,
+        max_queue: int = 0,
         on_swap: Callable[[str | None, float], None] | None = None,
     ) -> None:
-        assert max_batch_size >= 1 and max_batches_per_turn >= 1
+        assert max_batch_size >= 1 and max_batches_per_turn >= 1 and max_queue >= 0
         self.engine = engine
+        self.max_queue = max_queue  # queued requests (all models) before Overloaded; 0: any
         self.max_batch_size = max_batch_size
         self.max_batches_per_turn = max_batches_per_turn
         self.max_new_tokens = max_new_tokens
@@ -304,6 +313,12 @@ class Scheduler:
                 raise SchedulerClosed("the server is shutting down")
             if model_id in self._retired:
                 raise ModelRetired(f"model {model_id!r} is being deleted")
+            queued = sum(len(q) for q in self._queues.values())
+            if self.max_queue and queued >= self.max_queue:
+                raise Overloaded(
+                    f"{queued} requests are already waiting for the engine, this server's "
+                    "limit (DAREX_MAX_QUEUE); try again shortly"
+                )
             self._queues.setdefault(model_id, deque()).append(req)
             self._cond.notify_all()
         return req

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         4, ge=1, description="Batches of the active model before a waiting model gets the engine."
     )
     max_new_tokens: int = Field(512, ge=1, description="Upper bound on max_tokens per request.")
+    max_queue: int = Field(
+        256,
+        ge=0,
+        description="Requests waiting for the engine (all models together) before a new one "
+        "is refused with 503 overloaded; 0 = no limit.",
+    )
     default_rate: float = Field(
         0.99,
         ge=0.0,

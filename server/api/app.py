@@ -150,6 +150,7 @@ def create_app(
             max_batch_size=settings.max_batch_size,
             max_batches_per_turn=settings.max_batches_per_turn,
             max_new_tokens=settings.max_new_tokens,
+            max_queue=settings.max_queue,
             on_swap=metrics.on_swap,
         )
         from server.api.jobs import JobHeartbeat

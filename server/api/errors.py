@@ -24,6 +24,7 @@ from server.errors import (
     ModelBusy,
     ModelRetired,
     NotReady,
+    Overloaded,
     PayloadTooLarge,
     SchedulerClosed,
     Unauthorized,
@@ -75,6 +76,7 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (NotReady, 503, "service_unavailable", "not_ready"),
     (SchedulerClosed, 503, "service_unavailable", "shutting_down"),
     (ModelBusy, 503, "service_unavailable", "model_busy"),
+    (Overloaded, 503, "service_unavailable", "overloaded"),
     (WeightsCorrupt, 503, "service_unavailable", "weights_corrupt"),
     # the client closed the connection before its body arrived: nobody reads the answer,
     # and it is not the server's fault (nginx's 499, kept out of the 5xx counts)

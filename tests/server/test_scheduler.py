@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.api.errors import describe
-from server.errors import ModelBusy, ModelRetired, SchedulerClosed
+from server.errors import ModelBusy, ModelRetired, Overloaded, SchedulerClosed
 from server.generation import SamplingParams
 from server.scheduler import Scheduler
 from storage.errors import UnknownModel
@@ -94,6 +94,34 @@ def test_close_fails_the_calls_still_queued_instead_of_leaving_them_waiting(
     busy.join(10)
     with pytest.raises(SchedulerClosed):
         s.call_sync(lambda: "late")
+
+
+def test_a_full_queue_refuses_new_requests_at_once(llama_engine) -> None:
+    """max_queue requests wait (the worker busy): the next one is Overloaded (HTTP 503
+    overloaded) at once, whatever its model; once the queue drains, requests go in again."""
+    s = Scheduler(llama_engine, max_batch_size=1, max_queue=2)
+    gate = threading.Event()
+    params = SamplingParams(max_tokens=2)
+
+    async def main() -> None:
+        blocker = asyncio.ensure_future(s.call(gate.wait))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(s.complete(m, "hello", params)) for m in (None, "ft-a")]
+        await asyncio.sleep(0.05)
+        for model in (None, "ft-b"):
+            with pytest.raises(Overloaded, match="2 requests are already waiting"):
+                s.stream(model, "hello", params)
+        status, body = describe(Overloaded("x"))
+        assert status == 503 and body["error"]["code"] == "overloaded"
+        gate.set()
+        await blocker
+        assert all(c.finish_reason for c in await asyncio.gather(*waiting))
+        assert (await s.complete("ft-b", "hello", params)).finish_reason
+
+    try:
+        asyncio.run(main())
+    finally:
+        s.close()
 
 
 def test_seeded_sampling_is_reproducible_and_top_p_zero_is_greedy(sched) -> None:
