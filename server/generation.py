@@ -90,7 +90,8 @@ def _sample(logits: torch.Tensor, row: Row) -> int:
     probs = torch.softmax(logits.float() / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p
+        keep[0] = True  # the top token, also at top_p 0 (where the sum before it, 0, is not < 0)
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=row.generator)
         return int(order[choice])

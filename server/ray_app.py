@@ -52,7 +52,13 @@ from server.api.errors import (
     unparsable_body,
 )
 from server.api.routes.common import check_dimensions, check_prompt, check_task
-from server.api.routes.openai import model_card, model_list, render_chat
+from server.api.routes.openai import (
+    model_card,
+    model_list,
+    prompt_ids,
+    prompt_text,
+    render_chat,
+)
 from server.api.schemas import (
     COMPLETION_MAX_TOKENS,
     ChatRequest,
@@ -63,7 +69,6 @@ from server.api.schemas import (
     EmbeddingResponse,
 )
 from server.errors import InvalidRequest, NotReady, Unauthorized
-from server.generation import encode_prompt
 from server.replicas import replica_watcher
 from server.settings import Settings
 
@@ -146,11 +151,11 @@ class Runtime:
             field, params = "messages", req.sampling(self.settings.max_new_tokens)
             ids = render_chat(tok, req.messages)  # the same tokens as the app's
         else:
-            if not isinstance(req.prompt, str):
+            if len(req.prompts) != 1:
                 raise InvalidRequest("prompt: the Ray app serves one prompt a request", "prompt")
             default = min(COMPLETION_MAX_TOKENS, self.settings.max_new_tokens)
             field, params = "prompt", req.sampling(default)
-            ids = encode_prompt(tok, req.prompt)
+            ids = prompt_ids(self.engine, req.prompts)[0]
         cap = self.settings.max_new_tokens
         check_prompt(self.engine, cap, ids, params, field, req.asked_max())
         chunk = await self.scheduler.complete(target, ids, params)
@@ -167,7 +172,7 @@ class Runtime:
             }
             obj, prefix = "chat.completion", "chatcmpl"
         else:
-            text = (req.prompt if req.echo else "") + chunk.text
+            text = (prompt_text(self.engine, req.prompts[0]) if req.echo else "") + chunk.text
             choice = {"index": 0, "text": text, "finish_reason": chunk.finish_reason}
             obj, prefix = "text_completion", "cmpl"
         return {

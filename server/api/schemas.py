@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 
 from server.generation import SamplingParams
 
@@ -90,7 +98,7 @@ class _Sampling(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="model_id, or the base's id")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="0 keeps only the top token.")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Per-request sampling seed.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     stream: bool = False
@@ -168,8 +176,32 @@ class _Sampling(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+def _prompt_kind(v: Any) -> str:
+    """Which form a completions ``prompt`` has, from its first item: so that an error
+    names the bad item of that form, not every form's mismatch."""
+    if isinstance(v, str):
+        return "str"
+    first = v[0] if isinstance(v, list) and v else None
+    if isinstance(first, list):
+        return "list[list[int]]"
+    if isinstance(first, int) and not isinstance(first, bool):
+        return "list[int]"
+    return "list[str]"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Tag("list[str]")]
+    | Annotated[list[int], Tag("list[int]")]
+    | Annotated[list[list[int]], Tag("list[list[int]]")],
+    Discriminator(_prompt_kind),
+]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="One prompt, or a list (one choice each).")
+    prompt: Prompt = Field(
+        description="One prompt (text, or token ids), or a list of them (one choice each)."
+    )
     max_tokens: int | None = Field(
         None,
         ge=1,
@@ -185,15 +217,24 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and not 1 <= len(v) <= 64:
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list: give a prompt, or token ids")
+        if isinstance(v, list) and isinstance(v[0], str | list) and len(v) > 64:
             raise ValueError("a list of 1 to 64 prompts")
-        check_unicode(v, "prompt")
+        if isinstance(v, list) and isinstance(v[0], list) and not all(v):
+            raise ValueError("a prompt of token ids is empty")
+        if isinstance(v, str) or isinstance(v[0], str):
+            check_unicode(v, "prompt")
         return v
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        v = self.prompt
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            return [v]  # type: ignore[list-item]
+        return list(v)  # type: ignore[arg-type]
 
 
 class TextPart(BaseModel):

@@ -191,6 +191,29 @@ def test_openai_client_conventions(tiny: Live) -> None:
             assert r.read().endswith(b"data: [DONE]\n\n")
 
 
+def test_token_id_prompts_answer_as_their_text(tiny: Live) -> None:
+    """A prompt sent as token ids (one list, or a list of lists) gets the answer of the
+    text those ids encode; echo gives the decoded prompt; an id outside the vocabulary is
+    a 422 on prompt; top_p 0 keeps the top token only (greedy)."""
+    text = "the quick brown fox"
+    ids = encode_prompt(tiny.tok, text)
+    kw = {"model": "ft-a", "max_tokens": 6, "temperature": 0}
+    want = tiny.client.completions.create(prompt=text, **kw).choices[0].text
+    assert tiny.client.completions.create(prompt=ids, **kw).choices[0].text == want
+    both = tiny.client.completions.create(prompt=[ids, ids[:2]], **kw)
+    assert both.choices[0].text == want and len(both.choices) == 2
+    echoed = tiny.client.completions.create(prompt=ids, echo=True, **kw).choices[0].text
+    assert echoed == tiny.tok.decode(ids) + want
+    sampled = tiny.client.completions.create(prompt=text, **{**kw, "temperature": 1.0}, top_p=0)
+    assert sampled.choices[0].text == want
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        tiny.client.completions.create(prompt=[*ids, 10**7], **kw)
+    assert e.value.body["param"] == "prompt" and "10000000" in e.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        tiny.client.completions.create(prompt=["a", None], **kw)  # type: ignore[list-item]
+    assert e.value.body["param"] == "prompt.1", e.value.body
+
+
 def test_a_client_that_leaves_stops_its_generation(tiny: Live) -> None:
     """A non-streaming completion whose client times out is cancelled: the engine stops
     generating for it instead of running on to max_tokens for nobody."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
@@ -66,6 +67,30 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
     return encode_prompt(tokenizer, text)
+
+
+def prompt_ids(engine: Any, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids of each completions prompt: a text is encoded, token ids are checked
+    against the vocabulary (422 on ``prompt`` naming the first id outside it). Shared by
+    ``darex serve`` and the Ray app."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(encode_prompt(engine.tokenizer, p))
+            continue
+        vocab = engine.model.get_input_embeddings().num_embeddings
+        if bad := [t for t in p if not 0 <= t < vocab]:
+            raise InvalidRequest(
+                f"prompt: token id {bad[0]} is outside this model's vocabulary (0 to {vocab - 1})",
+                field="prompt",
+            )
+        out.append(list(p))
+    return out
+
+
+def prompt_text(engine: Any, prompt: str | list[int]) -> str:
+    """A prompt as ``echo`` puts it before the completion (token ids decoded)."""
+    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
 
 def _usage(chunks: list[Chunk]) -> Usage:
@@ -149,8 +174,7 @@ async def completions(
 ):
     target, _ = await resolve_model(state, request, body.model, GENERATE, "/v1/completions")
     params = body.sampling(min(COMPLETION_MAX_TOKENS, state.settings.max_new_tokens))
-    tok = state.engine.tokenizer
-    prompts = await asyncio.to_thread(lambda: [encode_prompt(tok, p) for p in body.prompts])
+    prompts = await asyncio.to_thread(prompt_ids, state.engine, body.prompts)
     for ids in prompts:
         check_prompt(
             state.engine, state.settings.max_new_tokens, ids, params, "prompt", body.asked_max()
@@ -160,7 +184,7 @@ async def completions(
     if body.stream:
         if len(prompts) > 1:
             raise InvalidRequest("prompt: streaming takes one prompt", field="prompt")
-        echo = body.prompts[0] if body.echo else ""
+        echo = prompt_text(state.engine, body.prompts[0]) if body.echo else ""
 
         def frame(c: Chunk) -> list[dict]:
             nonlocal echo
@@ -178,7 +202,7 @@ async def completions(
     choices = [
         CompletionChoice(
             index=i,
-            text=(body.prompts[i] if body.echo else "") + c.text,
+            text=(prompt_text(state.engine, body.prompts[i]) if body.echo else "") + c.text,
             finish_reason=c.finish_reason,
         )
         for i, c in enumerate(done)
