@@ -60,6 +60,13 @@ def search_q_global(
     [best - step, best + step] (clipped to the coarse range). q = 1-p (plain DARE) is always tried,
     so the result is never worse than DARE on the score.
     """
+    if step is not None and not 0 < step < math.inf:
+        raise PruningError(f"q search: step must be > 0, got {step}")
+    if not (refine >= 1 and patience >= 1 and factor >= 1):
+        raise PruningError(
+            f"q search: refine and patience must be >= 1 and factor >= 1, got refine "
+            f"{refine}, patience {patience}, factor {factor}"
+        )
     grid = q_grid(p, factor=factor, step=step)
     step = (grid[1] - grid[0]) if len(grid) > 1 else (1.0 - p) / 2
     tried: dict[float, float] = {}
@@ -218,8 +225,16 @@ def analytical_q(
     Returns a q in [1-p, 1); p = 0 returns 1.0 (nothing is pruned).
     """
     p = check_rate(p, name)
+    for key, value in (("eta", eta), ("step", step), ("q_max", q_max), ("stop_frac", stop_frac)):
+        if not 0 < value < math.inf:  # NaN fails too
+            raise PruningError(f"tensor {name!r}: analytical q needs {key} > 0, got {value}")
     if p == 0.0:
         return 1.0
+    if bias_delta is not None and tuple(bias_delta.shape) != tuple(d.shape[:1]):
+        raise PruningError(
+            f"tensor {name!r}: the bias delta has shape {tuple(bias_delta.shape)}, the "
+            f"weight has {d.shape[0]} rows"
+        )
     if d.dim() != 2 or tuple(xbar.shape) != (d.shape[1],):
         raise PruningError(
             f"tensor {name!r}: analytical q needs a 2-D weight and xbar of shape "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -184,3 +185,28 @@ def test_capture_statistics_match_the_inputs() -> None:
     one = dict(iter_layer_inputs(net, batches, ["b.weight"], max_rows=100))
     assert list(one) == ["b.weight"] and torch.allclose(one["b.weight"].x, hidden, atol=1e-6)
     assert not net.a._forward_hooks and not net.b._forward_hooks
+
+
+@pytest.mark.parametrize(
+    ("kw", "says"),
+    [
+        ({"eta": 0.0}, "eta > 0"),
+        ({"eta": float("nan")}, "eta > 0"),
+        ({"step": 0.0}, "step > 0"),
+        ({"bias_delta": torch.zeros(1)}, "the bias delta has shape (1,), the weight has 4 rows"),
+    ],
+)
+def test_analytical_q_refuses_knobs_it_cannot_use(kw: dict, says: str) -> None:
+    """Before: eta 0 returned 1-p, step 0 a ZeroDivisionError, a (1,) bias broadcast."""
+    d, xbar = torch.randn(4, 3), torch.rand(3)
+    with pytest.raises(PruningError, match=re.escape(says)):
+        analytical_q(d, xbar, 0.9, name="w", **kw)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"step": 0.0}, {"step": -0.01}, {"refine": 0}, {"patience": 0}, {"factor": 0.5}]
+)
+def test_the_q_search_refuses_a_grid_it_cannot_walk(kw: dict) -> None:
+    """step 0 or refine 0 divided by zero; a negative step tried one q, unannounced."""
+    with pytest.raises(PruningError, match="q search"):
+        search_q_global(lambda q: -abs(q - 0.02), 0.99, **kw)
