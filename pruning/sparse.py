@@ -83,8 +83,7 @@ def keep_threshold(p: float) -> int:
     """An element is kept iff its hash < threshold; P(keep) = threshold / 2**32 ~= 1 - p."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"pruning rate p must be in [0, 1), got {p}")
-    if why := rate_limit_problem(p):
-        raise ValueError(why)
+    # no MAX_RATE check here: decoding a mask stored before the cap redraws it as it was
     return min(round((1.0 - p) * 2**32), 2**32)
 
 

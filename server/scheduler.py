@@ -154,7 +154,8 @@ class Scheduler:
         for r in pending:
             r.sink.put(SchedulerClosed("the server is shutting down"))
         for _, fut in calls:  # never started: their callers would wait for ever
-            fut.set_exception(SchedulerClosed("the server is shutting down"))
+            if fut.set_running_or_notify_cancel():  # False: its caller cancelled it
+                fut.set_exception(SchedulerClosed("the server is shutting down"))
         self._thread.join(timeout)
 
     def queue_depth(self) -> dict[str | None, int]:
@@ -210,10 +211,16 @@ class Scheduler:
         """Run ``fn`` on the worker thread between batches (the engine's single writer)."""
         return await asyncio.wrap_future(self._queue_call(fn))
 
-    def call_sync(self, fn: Callable[[], Any]) -> Any:
+    def call_sync(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Blocking :meth:`call`, for other threads (an upload's ingest job); do not call
-        from the worker thread."""
-        return self._queue_call(fn).result()
+        from the worker thread. ``TimeoutError`` after ``timeout`` seconds (the call is
+        then not run if it had not started)."""
+        fut = self._queue_call(fn)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
 
     def _queue_call(self, fn: Callable[[], Any]) -> Future[Any]:
         fut: Future[Any] = Future()
@@ -313,7 +320,8 @@ class Scheduler:
                 raise SchedulerClosed("the server is shutting down")
             if model_id in self._retired:
                 raise ModelRetired(f"model {model_id!r} is being deleted")
-            queued = sum(len(q) for q in self._queues.values())
+            # a request whose client left stays in its queue until the worker reaches it
+            queued = sum(not r.cancelled for q in self._queues.values() for r in q)
             if self.max_queue and queued >= self.max_queue:
                 raise Overloaded(
                     f"{queued} requests are already waiting for the engine, this server's "
@@ -391,6 +399,8 @@ class Scheduler:
                 nxt = self._next_model(picked[0]) if picked else False
             if call is not None:
                 fn, fut = call
+                if not fut.set_running_or_notify_cancel():
+                    continue  # its caller gave up (a cancelled task): not run
                 try:
                     fut.set_result(fn())
                 except BaseException as e:  # handed to the awaiting caller

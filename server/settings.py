@@ -73,9 +73,9 @@ class Settings(BaseSettings):
     default_rate: float = Field(
         0.99,
         ge=0.0,
-        lt=1.0,
+        le=0.999999,  # pruning.sparse.MAX_RATE (importing pruning here would load torch)
         allow_inf_nan=False,
-        description="Pruning rate used when an upload names none (0 <= p < 1).",
+        description="Pruning rate used when an upload names none (0 <= p <= 0.999999).",
     )
     ray_models: int = Field(
         8, ge=1, description="Fine-tunes one Ray Serve replica keeps resident (model multiplexing)."

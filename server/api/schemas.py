@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictInt,
     Tag,
     ValidationInfo,
     field_validator,
@@ -140,7 +141,7 @@ class _Sampling(BaseModel):
     @field_validator("stream_options")
     @classmethod
     def _stream_options_need_stream(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is not None and not info.data.get("stream"):  # as OpenAI refuses it
+        if v is not None and "stream" in info.data and not info.data["stream"]:  # as OpenAI
             raise ValueError("only allowed when stream is true")
         return v
 
@@ -192,8 +193,8 @@ def _prompt_kind(v: Any) -> str:
 Prompt = Annotated[
     Annotated[str, Tag("str")]
     | Annotated[list[str], Tag("list[str]")]
-    | Annotated[list[int], Tag("list[int]")]
-    | Annotated[list[list[int]], Tag("list[list[int]]")],
+    | Annotated[list[StrictInt], Tag("list[int]")]
+    | Annotated[list[list[StrictInt]], Tag("list[list[int]]")],
     Discriminator(_prompt_kind),
 ]
 

@@ -262,8 +262,9 @@ def _calib_batches(path: Path, tok_dirs: list[Path], n: int, max_len: int) -> li
     return text_batches(load_tokenizer(tok_dir), lines, max_len, limit=None)
 
 
-def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
-    """Linear-layer input statistics of the fine-tuned model, keyed by its tensor names."""
+def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> tuple[dict, set[str]]:
+    """Linear-layer input statistics of the fine-tuned model, keyed by its tensor names,
+    and the names of its embedding tables (never measured: their input is a token id)."""
     import transformers
 
     from pruning.calib import capture
@@ -283,7 +284,11 @@ def _calibrate(finetuned: Path, batches: list[dict], max_rows: int) -> dict:
             f"{finetuned / 'config.json'} names {cls_name}, but {missing} of its {total} "
             "weights are not in the checkpoint: the config does not describe these weights"
         )
-    return capture(model.eval(), tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
+    tables = {
+        f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)
+    }
+    stats = capture(model.eval(), tqdm(batches, desc="calibrate", unit="batch"), max_rows=max_rows)
+    return stats, tables
 
 
 def _copy_side_files(folders: list[Path], out: Path) -> None:
@@ -465,7 +470,7 @@ def prune(
         base_dir, arch, b, f, plan = _open_pair(base, finetuned, data_dir)
         _check_out(out, Path(finetuned), Path(base_dir))
         sel = make_selector(arch, include, exclude)
-        stats = {}
+        stats, tables = {}, set()  # calibration statistics, embedding tables
         ft_to_base = {fn: bn for bn, fn in plan.pairs.items()}
         if (include or exclude) and not any(
             f.meta[fn].dtype.is_floating_point and sel.matches(bn) for fn, bn in ft_to_base.items()
@@ -488,7 +493,7 @@ def prune(
             del deltas
         elif calibrates:
             batches = _calib_batches(calib, [Path(finetuned), base_dir], calib_samples, 128)
-            stats = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
+            stats, tables = _calibrate(Path(finetuned), batches, 512 if q_mode == "auto" else 0)
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         names = f.names()
@@ -533,7 +538,7 @@ def prune(
             d = compute_delta(w_base, w_ft, fname)
             tq = q_of(fname, bname, d)
             st = stats.get(fname)
-            if st is None and uses_stats and d.dim() == 2:
+            if st is None and uses_stats and d.dim() == 2 and fname not in tables:
                 unmeasured.append(fname)
             cn = None if st is None else st.col_norm
             mt = method_for(m, d, cn)  # WANDA without input norms: magnitude
@@ -574,7 +579,12 @@ def prune(
         (out / PRUNE_RECORD).write_text(json.dumps(summary, indent=1))
         created = False  # complete: kept whatever happens next
         if unmeasured:
-            how = "pruned by magnitude" if m is Method.wanda else "given q = 1-p"
+            if m is Method.wanda:
+                how = "pruned by magnitude"
+            elif m in (Method.darex_q, Method.structural):
+                how = "given q = 1-p"
+            else:
+                how = "left unscaled (no q)"
             typer.echo(
                 f"warning: {len(unmeasured)} matrices had no calibration inputs (only "
                 f"nn.Linear layers are measured), so they were {how}: "

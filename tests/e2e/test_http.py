@@ -164,7 +164,9 @@ def test_openai_client_conventions(tiny: Live) -> None:
         model="ft-a", messages=msgs, max_tokens=6, seed=3, **nulls
     )
     assert with_nulls.choices[0].message.content == plain.choices[0].message.content
-    done = c.completions.create(model="ft-a", prompt="hi", max_tokens=None, echo=None)
+    done = c.completions.create(
+        model="ft-a", prompt="hi", max_tokens=None, echo=None, temperature=0
+    )
     assert done.usage.completion_tokens == 16  # the default, null or absent
 
     events = list(
@@ -223,7 +225,9 @@ def test_a_client_that_leaves_stops_its_generation(tiny: Live) -> None:
     def spy(*args, **kw):
         req = real_submit(*args, **kw)
         put = req.sink.put
-        req.sink.put = lambda item: (chunks.append(item), put(item))
+        # 20 ms a token: 250 tokens take 5 s or more on any machine, so the generation is
+        # still running when the disconnect is seen (0.1 s timeout, 0.25 s polls)
+        req.sink.put = lambda item: (chunks.append(item), time.sleep(0.02), put(item))
         return req
 
     sched._submit = spy

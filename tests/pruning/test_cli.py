@@ -164,8 +164,21 @@ def test_matrices_the_calibration_cannot_measure_are_named(calib_file, tmp_path)
     unmeasured = record["unmeasured"]
     assert "transformer.h.0.attn.c_attn.weight" in unmeasured
     assert "transformer.h.0.mlp.c_proj.weight" in unmeasured
+    assert not any("wte" in n or "wpe" in n for n in unmeasured)  # tables: never measured
     assert f"warning: {len(unmeasured)} matrices had no calibration inputs" in res.stderr
     assert "pruned by magnitude" in res.stderr
+
+
+def test_an_encoder_whose_matrices_are_all_measured_prunes_without_a_warning(
+    tiny_bert_dir, bert_ft, calib_file, tmp_path
+) -> None:
+    """BERT's matrices are nn.Linear and its embedding tables are not measured by nature:
+    no warning, no "unmeasured" in the record."""
+    args = ["prune", tiny_bert_dir, bert_ft, "--method", "wanda", "--rate", "0.9"]
+    res = runner.invoke(app, [str(a) for a in [*args, "--calib", calib_file, "-o", tmp_path / "o"]])
+    assert res.exit_code == 0, res.output
+    assert "calibration inputs" not in res.output
+    assert "unmeasured" not in json.loads((tmp_path / "o" / "darex_prune.json").read_text())
 
 
 def test_a_pruned_weight_past_its_dtypes_range_is_refused(tiny_bert_dir, tmp_path) -> None:

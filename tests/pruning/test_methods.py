@@ -306,8 +306,7 @@ def test_rates_past_the_masks_resolution_are_refused() -> None:
     for p in (0.9999991, 1 - 1e-10):
         with pytest.raises(PruningError, match=r"tensor 'w': pruning rate p = .* above 0.999999"):
             dare(d, p, seed=0, name="w")
-        with pytest.raises(ValueError, match=r"above 0\.999999"):
-            keep_threshold(p)
+        keep_threshold(p)  # the mask of a blob stored before the cap still decodes
     assert "at most 0.999999" in (server.cli.rate_problem(0.5, 0.9999999) or "")
     assert server.cli.rate_problem(0.5, MAX_RATE) is None
 

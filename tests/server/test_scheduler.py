@@ -86,14 +86,37 @@ def test_close_fails_the_calls_still_queued_instead_of_leaving_them_waiting(
 
     waiter = threading.Thread(target=queued)
     waiter.start()
-    time.sleep(0.05)  # queued behind the busy call
+    deadline = time.monotonic() + 10
+    while len(s._calls) < 1 and time.monotonic() < deadline:  # queued behind the busy call
+        time.sleep(0.01)
+    assert len(s._calls) == 1
+    cancelled = s._queue_call(lambda: "never")  # its caller gave up: close skips it
+    assert cancelled.cancel()
     s.close(timeout=0.1)
     waiter.join(10)
     assert not waiter.is_alive() and isinstance(outcome[0], SchedulerClosed), outcome
+    assert cancelled.cancelled()
     gate.set()
     busy.join(10)
     with pytest.raises(SchedulerClosed):
         s.call_sync(lambda: "late")
+
+
+def test_a_call_its_caller_cancelled_is_skipped_and_the_worker_lives_on(llama_engine) -> None:
+    """A cancelled call (an awaiting task cancelled at shutdown) is not run, and the
+    worker thread does not die on it (set_result on a cancelled future raised, twice)."""
+    s = Scheduler(llama_engine, max_batch_size=4)
+    gate, ran = threading.Event(), []
+    try:
+        busy = s._queue_call(gate.wait)
+        dropped = s._queue_call(lambda: ran.append("dropped"))
+        assert dropped.cancel()
+        gate.set()
+        assert busy.result(10)
+        assert s.call_sync(lambda: "alive", timeout=10) == "alive"
+        assert ran == [] and s._thread.is_alive()
+    finally:
+        s.close()
 
 
 def test_a_full_queue_refuses_new_requests_at_once(llama_engine) -> None:
@@ -111,6 +134,13 @@ def test_a_full_queue_refuses_new_requests_at_once(llama_engine) -> None:
         for model in (None, "ft-b"):
             with pytest.raises(Overloaded, match="2 requests are already waiting"):
                 s.stream(model, "hello", params)
+        waiting[0].cancel()  # its client left: its slot is free, though it is still queued
+        await asyncio.sleep(0.05)
+        third = asyncio.ensure_future(s.complete("ft-b", "hello", params))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            s.stream(None, "hello", params)
+        waiting[0] = third
         status, body = describe(Overloaded("x"))
         assert status == 503 and body["error"]["code"] == "overloaded"
         gate.set()

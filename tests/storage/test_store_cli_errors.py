@@ -23,7 +23,7 @@ STORE_COMMANDS = (["ls"], ["rm", "x"], ["gc"], ["verify"])
         ("DAREX_PORT", "99999", "65535"),
         ("DAREX_ENV", "prod", "'production' or 'development'"),
         ("DAREX_DEFAULT_RATE", "abc", "number"),
-        ("DAREX_DEFAULT_RATE", "1.5", "less than 1"),
+        ("DAREX_DEFAULT_RATE", "1.5", "less than or equal to 0.999999"),
         ("DAREX_REGISTRY_URL", "bogus", "sqlite:///"),
     ],
 )

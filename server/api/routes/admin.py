@@ -10,7 +10,6 @@ thread that writes its progress to the registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -214,6 +213,9 @@ def _report_progress(reg: Registry, job_id: str, fraction: float, message: str) 
         log.warning("job progress not recorded: %s", e, extra={"job_id": job_id})
 
 
+FORGET_TIMEOUT_S = 300.0  # a batch in flight finishes first; longer than the longest one
+
+
 def _forget_cached(state: AppState, model_id: str) -> None:
     """Drop this server's cached copy of a model just stored (a replaced version's delta,
     task and labels), between batches, before its job reads done: from then on every
@@ -223,8 +225,18 @@ def _forget_cached(state: AppState, model_id: str) -> None:
     forget = getattr(engine, "forget", None)
     if sched is None or forget is None:
         return
-    with contextlib.suppress(SchedulerClosed):  # shutting down: no request runs on it
-        sched.call_sync(lambda: forget(model_id))
+    try:
+        sched.call_sync(lambda: forget(model_id), timeout=FORGET_TIMEOUT_S)
+    except SchedulerClosed:
+        pass  # shutting down: no request runs on it
+    except Exception as e:  # stored and registered all the same: the job is done
+        log.warning(
+            "cached copy not dropped (%s: %s); the registry watcher drops it within "
+            "DAREX_REGISTRY_TTL_S",
+            type(e).__name__,
+            e,
+            extra={"model_id": model_id},
+        )
 
 
 def _run_ingest(state: AppState, job_id: str, model_id: str, up: Upload, opts: dict) -> None:
