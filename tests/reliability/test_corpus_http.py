@@ -259,7 +259,14 @@ BODY_CASES: list[tuple[str, str, object, str]] = [
         b'{"model": "good", "prompt": "hi", "top_p": Infinity}',
         "top_p|JSON",
     ),
-    ("top-p-zero", "/v1/completions", {"model": "good", "prompt": "hi", "top_p": 0}, "top_p"),
+    ("top-p-negative", "/v1/completions", {"model": "good", "prompt": "hi", "top_p": -1}, "top_p"),
+    (
+        "prompt-token-past-vocab",
+        "/v1/completions",
+        {"model": "good", "prompt": [1, 2, 10**9]},
+        "prompt.*vocabulary",
+    ),
+    ("prompt-token-float", "/v1/completions", {"model": "good", "prompt": [1, 2.5]}, "prompt.1"),
     ("seed-negative", "/v1/completions", {"model": "good", "prompt": "hi", "seed": -1}, "seed"),
     ("seed-2^64", "/v1/completions", {"model": "good", "prompt": "hi", "seed": 2**64}, "seed"),
     (
