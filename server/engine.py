@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -152,6 +153,10 @@ class Engine:
         self._slot = 0  # which scratch holds the active delta's saved values
         self._saved = self._scratch[0]
         self._info: dict[str, ModelInfo] = {}
+        # forget() bumps a model's count: an info read begun before it is not cached after
+        # it (``describe`` runs off the worker thread, beside a replacing upload's forget)
+        self._forgotten: dict[str, int] = {}
+        self._info_lock = threading.Lock()
         self.last_swap_s = 0.0
         self._loaded_fingerprint = self.base_fingerprint()
         # the base's parameters by name, read again after a failed kernel (None: no recovery)
@@ -338,13 +343,19 @@ class Engine:
         if self.active == model_id:
             self.restore()
         self.cache.forget(model_id)
-        self._info.pop(model_id, None)
+        with self._info_lock:
+            self._info.pop(model_id, None)
+            self._forgotten[model_id] = self._forgotten.get(model_id, 0) + 1
 
     # ---- metadata ------------------------------------------------------------------------
     def _model_info(self, model_id: str) -> ModelInfo:
-        info = self._info.get(model_id)
+        with self._info_lock:
+            info, seen = self._info.get(model_id), self._forgotten.get(model_id, 0)
         if info is None:
-            info = self._info[model_id] = self.source.info(model_id)
+            info = self.source.info(model_id)
+            with self._info_lock:
+                if self._forgotten.get(model_id, 0) == seen:
+                    self._info[model_id] = info
         return info
 
     def describe(self, model_id: str | None) -> tuple[str, list[str] | None]:

@@ -95,6 +95,38 @@ def test_activate_reports_change_and_base_aliases(lm) -> None:
     assert eng.base_fingerprint() == eng.loaded_fingerprint
 
 
+def test_an_info_read_that_spans_a_forget_is_not_cached(llama_engine, monkeypatch) -> None:
+    """``describe`` (off the worker) reads a model's task while a replacing upload's
+    forget runs: what it read may be the old version's, so it is answered but not kept."""
+    import threading
+
+    from server.deltas import ModelInfo
+
+    eng = llama_engine
+    entered, go = threading.Event(), threading.Event()
+    real = eng.source.info
+
+    def slow_info(model_id: str) -> ModelInfo:
+        info = real(model_id)
+        entered.set()
+        assert go.wait(10)
+        return info
+
+    monkeypatch.setattr(eng.source, "info", slow_info)
+    out: list = []
+    reader = threading.Thread(target=lambda: out.append(eng.describe("ft-a")))
+    reader.start()
+    assert entered.wait(10)
+    eng.forget("ft-a")  # the upload's forget, between the read and its caching
+    go.set()
+    reader.join(10)
+    assert out and out[0][0] == "causal-lm"
+    assert "ft-a" not in eng._info  # the next describe reads the registry again
+    monkeypatch.setattr(eng.source, "info", real)
+    eng.describe("ft-a")
+    assert "ft-a" in eng._info  # read with no forget in between: kept
+
+
 def test_unknown_model_changes_nothing(lm) -> None:
     eng, _, _ = lm
     eng.activate("ft-b")
