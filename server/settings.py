@@ -14,6 +14,12 @@ REGISTRY_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+# pruning.sparse.MAX_RATE, the highest pruning rate, repeated for the server and the CLI:
+# importing pruning loads torch, and settings and option checks come before anything
+# heavy (tests/pruning/test_methods.py holds the two equal)
+MAX_RATE = 0.999999
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DAREX_", env_file=".env", extra="ignore")
 
@@ -73,9 +79,9 @@ class Settings(BaseSettings):
     default_rate: float = Field(
         0.99,
         ge=0.0,
-        le=0.999999,  # pruning.sparse.MAX_RATE (importing pruning here would load torch)
+        le=MAX_RATE,
         allow_inf_nan=False,
-        description="Pruning rate used when an upload names none (0 <= p <= 0.999999).",
+        description=f"Pruning rate used when an upload names none (0 <= p <= {MAX_RATE}).",
     )
     ray_models: int = Field(
         8, ge=1, description="Fine-tunes one Ray Serve replica keeps resident (model multiplexing)."

@@ -59,14 +59,11 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-# pruning.sparse.MAX_RATE, repeated here: importing pruning loads torch, and the checks
-# of options run before anything heavy (tests/pruning/test_methods.py holds them equal)
-MAX_RATE = 0.999999
-
-
 def rate_problem(*rates: float) -> str | None:
     """What is wrong with pruning rates outside [0, 1) (NaN too) or above ``MAX_RATE``, or
     None when all fit: the one wording of this check for every command."""
+    from server.settings import MAX_RATE
+
     bad = [r for r in rates if not 0.0 <= r < 1.0]
     if bad:
         return f"the pruning rate p must be in [0, 1), got {', '.join(map(str, bad))}"

@@ -297,10 +297,11 @@ def test_rates_past_the_masks_resolution_are_refused() -> None:
     """Above p = 0.999999 the 32-bit threshold cannot keep 1-p of the entries (at
     1 - 1e-10 it keeps none while the scale says 1e10): refused, naming the limit."""
     import server.cli
+    import server.settings
     from pruning.errors import PruningError
     from pruning.sparse import MAX_RATE, keep_threshold
 
-    assert server.cli.MAX_RATE == MAX_RATE
+    assert server.settings.MAX_RATE == MAX_RATE
     d = torch.randn(64)
     assert dare(d, MAX_RATE, seed=0, name="w").scale == pytest.approx(1e6)
     for p in (0.9999991, 1 - 1e-10):
