@@ -130,10 +130,13 @@ class _Sampling(BaseModel):
             )
         return v
 
-    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @field_validator(
+        "temperature", "top_p", "n", "stream", "echo", mode="before", check_fields=False
+    )
     @classmethod
     def _null_is_default(cls, v: Any, info: ValidationInfo) -> Any:
-        """null means the default, as in OpenAI's API (clients and wrappers send it)."""
+        """null means the default, as in OpenAI's API (clients and wrappers send it);
+        ``echo`` is completions' own field."""
         if v is None:
             return cls.model_fields[info.field_name or ""].default
         return v
@@ -210,11 +213,6 @@ class CompletionRequest(_Sampling):
         "(or the server's limit when lower).",
     )
     echo: bool = False
-
-    @field_validator("echo", mode="before")
-    @classmethod
-    def _null_echo(cls, v: Any) -> Any:
-        return False if v is None else v
 
     @field_validator("prompt")
     @classmethod
