@@ -170,7 +170,8 @@ def generate_batch(model, tokenizer, rows: Sequence[Row], device: torch.device) 
         seed = (
             r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(8), "little")
         )
-        r.generator = torch.Generator(device=device).manual_seed(seed)
+        # OpenAI's seed is a signed 64-bit integer; a generator takes it modulo 2**64
+        r.generator = torch.Generator(device=device).manual_seed(seed % 2**64)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     eos = tokenizer.eos_token_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())

@@ -100,7 +100,9 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, ge=0.0, le=1.0, description="0 keeps only the top token.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Per-request sampling seed.")
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**63, description="Per-request sampling seed (a 64-bit integer)."
+    )
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None

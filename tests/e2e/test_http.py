@@ -164,6 +164,12 @@ def test_openai_client_conventions(tiny: Live) -> None:
         model="ft-a", messages=msgs, max_tokens=6, seed=3, **nulls
     )
     assert with_nulls.choices[0].message.content == plain.choices[0].message.content
+    # a seed is any signed 64-bit integer, as OpenAI's; the same seed, the same sample
+    lowest = [
+        c.completions.create(model="ft-a", prompt="hi", max_tokens=6, seed=-(2**63)).choices[0]
+        for _ in range(2)
+    ]
+    assert lowest[0].text == lowest[1].text and lowest[0].finish_reason == "length"
     done = c.completions.create(
         model="ft-a", prompt="hi", max_tokens=None, echo=None, temperature=0
     )

@@ -267,8 +267,13 @@ BODY_CASES: list[tuple[str, str, object, str]] = [
         "prompt.*vocabulary",
     ),
     ("prompt-token-float", "/v1/completions", {"model": "good", "prompt": [1, 2.5]}, "prompt.1"),
-    ("seed-negative", "/v1/completions", {"model": "good", "prompt": "hi", "seed": -1}, "seed"),
-    ("seed-2^64", "/v1/completions", {"model": "good", "prompt": "hi", "seed": 2**64}, "seed"),
+    (
+        "seed-below-int64",
+        "/v1/completions",
+        {"model": "good", "prompt": "hi", "seed": -(2**63) - 1},
+        "seed",
+    ),
+    ("seed-2^63", "/v1/completions", {"model": "good", "prompt": "hi", "seed": 2**63}, "seed"),
     (
         "stop-five",
         "/v1/completions",
