@@ -36,24 +36,29 @@ def main() -> None:
     ap.add_argument("--task", default="rt-sentiment")
     ap.add_argument("--lr", type=float, default=3.5e-4)
     ap.add_argument("--steps", type=int, default=450)
+    ap.add_argument("--batch-size", type=int, default=16, help="training examples a step")
     ap.add_argument("--seed", type=int, default=0, help="the fine-tune's seed")
     ap.add_argument("--freeze-embeddings", action="store_true")
     ap.add_argument("--mask-seeds", type=int, default=3)
     ap.add_argument("--test", type=int, default=500, help="test examples")
-    ap.add_argument("--val", type=int, default=300, help="validation examples (q search)")
+    ap.add_argument("--val", type=int, default=rp.QUICK_BUDGET.val, help="validation examples")
+    ap.add_argument("--max-length", type=int, default=rp.QUICK_BUDGET.max_length, help="tokens")
     ap.add_argument("--rates", default="0.9,0.99")
     ap.add_argument("--q-per-mask", action="store_true", help="search q for each mask")
     ap.add_argument("--log", type=Path, default=None, help="append the JSON line here")
     a = ap.parse_args()
     rates = tuple(float(x) for x in a.rates.split(","))
-    if a.steps < 1 or a.mask_seeds < 1 or not all(0.0 <= r < 1.0 for r in rates):
-        ap.error("--steps and --mask-seeds must be >= 1 and every rate in [0, 1)")
+    if min(a.steps, a.batch_size, a.mask_seeds, a.max_length) < 1 or not all(
+        0.0 <= r < 1.0 for r in rates
+    ):
+        ap.error("--steps, --batch-size, --mask-seeds, --max-length must be >= 1; rates in [0, 1)")
     opts = {**rp.QUICK_SPEC, "lr": a.lr, "max_steps": a.steps, "seed": a.seed}
+    opts["batch_size"] = a.batch_size
     opts["train_embeddings"] = not a.freeze_embeddings
     budget = rp.Budget(
         test=a.test,
         val=a.val,
-        max_length=rp.QUICK_BUDGET.max_length,
+        max_length=a.max_length,
         seeds=tuple(range(a.mask_seeds)),
         q_per_mask=a.q_per_mask,
     )
@@ -64,6 +69,7 @@ def main() -> None:
     )
     cell = {(r.method, r.p): r for r in rows}
     out: dict = {"task": a.task, **{k: opts[k] for k in ("lr", "max_steps", "seed")}}
+    out |= {"batch_size": a.batch_size, "max_length": a.max_length}
     out |= {
         "train_embeddings": opts["train_embeddings"],
         "q_per_mask": a.q_per_mask,

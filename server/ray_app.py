@@ -215,9 +215,7 @@ class DarexReplica:
                 await self.get_model(model_id)
             return 200, await self.rt.infer(kind, model_id, body), self.replica
         except Exception as e:
-            status, err = describe(e)
-            log_error(status, err, e)
-            return status, err, self.replica
+            return (*_failure(e), self.replica)
 
     async def ready(self) -> tuple[bool, str]:
         self._watch()
@@ -243,15 +241,20 @@ class DarexReplica:
             card = await asyncio.to_thread(model_card, model_id, rt.base_name, rt.started, rt.store)
             return 200, card.model_dump()
         except Exception as e:
-            status, err = describe(e)
-            log_error(status, err, e)
-            return status, err
+            return _failure(e)
 
     def check_health(self) -> None:
         """Ray restarts a replica whose scheduler thread died, or whose weights are not
         trusted after a failed swap kernel (``Engine.broken``)."""
         assert self.rt.scheduler._thread.is_alive(), "scheduler worker is dead"
         assert self.rt.engine.broken is None, self.rt.engine.broken
+
+
+def _failure(e: Exception) -> tuple[int, dict[str, Any]]:
+    """(status, error body) of a failed call on a replica, logged as ``darex serve`` logs it."""
+    status, err = describe(e)
+    log_error(status, err, e)
+    return status, err
 
 
 api = FastAPI(title="darex-serve (Ray)")
