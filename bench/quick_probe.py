@@ -4,7 +4,10 @@ and DAREx-q (labeled q) at the given rates, and the headline's gain and gap:
     python bench/quick_probe.py --work /tmp/qx/work/lr35-s3 --lr 3.5e-4 --seed 3 \\
         --mask-seeds 5 --test 500 --rates 0.99 --freeze-embeddings --q-per-mask
 
-The fine-tune is cached in ``WORK`` under the name "probe" and trained again when its
+The schedule and budget options default to the check's own (``QUICK_SPEC``,
+``QUICK_BUDGET``: lr 3.5e-4, 450 steps of 16 at 32 tokens, 30 % warm-up, 300 validation
+examples); ``--freeze-embeddings --q-per-mask`` make it the check. The fine-tune is
+cached in ``WORK`` under the name "probe" and trained again when its
 options change (``stale_reason``), so use one ``WORK`` per setting to keep each; a rerun
 with the same options keeps the cells it has for the same budget and evaluates the rest
 (``run_part``). The result is printed as
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3.5e-4)
     ap.add_argument("--steps", type=int, default=450)
     ap.add_argument("--batch-size", type=int, default=16, help="training examples a step")
+    ap.add_argument("--warmup", type=float, default=rp.QUICK_SPEC["warmup"], help="fraction")
     ap.add_argument("--seed", type=int, default=0, help="the fine-tune's seed")
     ap.add_argument("--freeze-embeddings", action="store_true")
     ap.add_argument("--mask-seeds", type=int, default=3)
@@ -53,7 +57,7 @@ def main() -> None:
     ):
         ap.error("--steps, --batch-size, --mask-seeds, --max-length must be >= 1; rates in [0, 1)")
     opts = {**rp.QUICK_SPEC, "lr": a.lr, "max_steps": a.steps, "seed": a.seed}
-    opts["batch_size"] = a.batch_size
+    opts |= {"batch_size": a.batch_size, "warmup": a.warmup}
     opts["train_embeddings"] = not a.freeze_embeddings
     budget = rp.Budget(
         test=a.test,
@@ -69,7 +73,7 @@ def main() -> None:
     )
     cell = {(r.method, r.p): r for r in rows}
     out: dict = {"task": a.task, **{k: opts[k] for k in ("lr", "max_steps", "seed")}}
-    out |= {"batch_size": a.batch_size, "max_length": a.max_length}
+    out |= {"batch_size": a.batch_size, "max_length": a.max_length, "warmup": a.warmup}
     out |= {
         "train_embeddings": opts["train_embeddings"],
         "q_per_mask": a.q_per_mask,

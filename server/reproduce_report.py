@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from server.reproduce import METHODS, RATES, VAL_SCORED, Row, pick_from_reference, read_rows
-from server.training import RESULT_FILE
+from server.training import DEFAULT_WARMUP, RESULT_FILE
 from storage.bases import atomic_write
 
 RECORDS = "records"  # beside a full report: its rows and fine-tune records, no weights
@@ -56,9 +56,12 @@ def finetune_line(rec: dict, eval_s: float, device: str | None = None) -> str:
         how += f" lambda={s['reg']:g}"
     if s.get("train_embeddings") is False and not s.get("lora"):
         how += " (word embeddings frozen)"
+    # the warm-up is named where it is not FinetuneOptions' default (the grid's 10 %)
+    warmup = s.get("warmup", DEFAULT_WARMUP)
+    warm = f" ({100 * warmup:g} % warm-up)" if warmup != DEFAULT_WARMUP else ""
     return (
         f"fine-tune: {how}, lr {s.get('lr', 0):g}, {rec.get('steps')} steps of "
-        f"{s.get('batch_size')} on {rec.get('train_examples')} examples, "
+        f"{s.get('batch_size')}{warm} on {rec.get('train_examples')} examples, "
         f"{s.get('max_length')} tokens: {rec.get('seconds', 0):.0f} s; "
         f"evaluations {eval_s:.0f} s" + (f" (on {device})" if device else "")
     )

@@ -61,6 +61,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Optimizer = Literal["adam", "adamr-l2", "adamr-l1"]
+# The fraction of a fine-tune's steps that warm the learning rate up (then it decays to 0).
+DEFAULT_WARMUP = 0.1
 PROBE = 64  # training examples whose loss is measured before and after training
 
 
@@ -84,7 +86,7 @@ class FinetuneOptions:
     max_eval: int | None = None  # None = the whole validation split
     max_length: int = DEFAULT_MAX_LENGTH  # tokens per example; long prompts keep their end
     train_embeddings: bool | None = None  # None = encoders yes, decoders no
-    warmup: float = 0.1  # fraction of steps with a linear warm-up, then linear decay to 0
+    warmup: float = DEFAULT_WARMUP  # fraction of steps with a linear warm-up, then decay to 0
     device: str = "auto"
 
     def resolved_lr(self) -> float:

@@ -133,6 +133,13 @@ def reproduce(
             _write_report(out, work / "quick", "quick", res.seconds, quick=True)
         if not res.ok:
             console.print("[red]headline NOT reproduced[/red]")
+            if res.stalled and res.loss is not None:
+                console.print(
+                    f"[red]the fine-tune did not learn the task (training loss "
+                    f"{res.loss[0]:.3f} -> {res.loss[1]:.3f}): there was no fine-tune for DARE "
+                    "or DAREx-q to keep, so this run says nothing about either "
+                    "(docs/results/reproduce.md, 'How the quick setting was found')[/red]"
+                )
             raise typer.Exit(1)
         console.print("[green]headline reproduced[/green]")
         return

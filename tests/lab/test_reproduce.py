@@ -539,13 +539,16 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n].indices, b[n].indices) for n in a)
 
 
-def test_finetune_line_says_when_the_word_embeddings_were_frozen() -> None:
+def test_finetune_line_says_when_the_word_embeddings_were_frozen_and_the_warm_up() -> None:
     rec = {"settings": {"lr": 3e-4, "batch_size": 16, "max_length": 32}, "steps": 450}
     rec |= {"train_examples": 4000, "seconds": 300.0}
     assert "frozen" not in rr.finetune_line(rec, 60.0)  # None: the base kind's default
     rec["settings"]["train_embeddings"] = False
     line = rr.finetune_line(rec, 60.0)
     assert line.startswith("fine-tune: adam (word embeddings frozen), lr 0.0003, 450 steps")
+    assert "warm-up" not in line  # the default, as every setting of the grid ran
+    rec["settings"]["warmup"] = 0.3
+    assert "450 steps of 16 (30 % warm-up) on 4000 examples" in rr.finetune_line(rec, 60.0)
 
 
 def test_a_rerun_keeps_the_cells_of_the_same_fine_tune_and_budget_and_runs_the_rest(
@@ -656,3 +659,28 @@ def test_a_cached_fine_tune_is_trained_again_when_its_weights_settings_changed(
     with caplog.at_level("WARNING", logger=training.log.name):
         rp.ensure_finetune(w, other, task, "tiny", {**TINY, "lr": 2e-3}, 24, 8)
     assert len(trained) == 4 and "another checkpoint" in caplog.text
+
+
+def test_quick_reports_the_fine_tunes_loss_and_names_one_that_did_not_learn(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The check's result carries the fine-tune's training loss from its record; a failed
+    check on a fine-tune that did not learn says so, besides exiting 1."""
+    monkeypatch.setattr(rp, "QUICK_SPEC", TINY)
+    base, task = resolve_base(tiny_bert_dir, tmp_path), load_task("rt-sentiment")
+    res = rp.quick(tmp_path / "w", base, task, BUDGET)
+    rec = json.loads(
+        (
+            tmp_path / "w" / rp.slug(base.name) / task.name / "quick" / "darex_finetune.json"
+        ).read_text()
+    )
+    assert res.loss == (rec["loss_before"], rec["loss_after"])
+    assert res.stalled == (rec["loss_after"] > rp.STALLED * rec["loss_before"])
+
+    for loss, says in (((0.696, 0.684), True), ((0.693, 0.34), False)):
+        stuck = rp.QuickResult(res.rows, 1.0, gain=0.0, gap=0.0, loss=loss)
+        monkeypatch.setattr(rp, "quick", lambda *a, r=stuck, **k: r)
+        out = CliRunner().invoke(app, ["reproduce", "--quick", "--work", str(tmp_path / "q")])
+        assert out.exit_code == 1 and "NOT reproduced" in out.output, out.output
+        assert ("did not learn the task" in out.output) is says, out.output
+        assert ("0.696 -> 0.684" in out.output) is says
