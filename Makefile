@@ -26,7 +26,7 @@ demo: install
 system-deps:
 	scripts/system-deps.sh
 
-# The suite, then the quick paper reproduction on its own (about 7 minutes).
+# The suite, then the quick paper reproduction on its own (4 to 9 minutes by CPU).
 test: install system-deps
 	$(PYTHON) -m pytest -q -n 2 --durations=15 -m "not repro"
 	$(MAKE) --no-print-directory repro-quick-run
