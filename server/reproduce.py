@@ -84,10 +84,11 @@ DECODER_SPECS: dict[str, dict[str, Any]] = {
 # adam-large) the headline held by under a point on each side, so one CPU's fine-tune met
 # it and another's missed it. Frozen, the delta lives in the transformer layers, DARE at
 # p = 0.99 collapses further while DAREx-q stays close, and a step is a quarter cheaper (no
-# Adam update of 11.7 M embedding entries). With the default 10 % warm-up, one fine-tune in
-# four barely learned (66 %) and missed the headline; the area under the schedule, and so
-# the delta's size, is the same. Seeds, learning rates and cheaper settings tried:
-# docs/results/reproduce.md, "How the quick setting was found".
+# Adam update of 11.7 M embedding entries). The longer warm-up keeps the peak and the area
+# under the schedule (so the delta's size); on five training seeds it passed four (one
+# fine-tune did not learn), the default 10 % three (one barely learned, one drifted). Seeds,
+# learning rates and cheaper settings tried: docs/results/reproduce.md, "How the quick
+# setting was found".
 QUICK_SPEC: dict[str, Any] = {
     **ENCODER_SPECS["adam-large"],
     "lr": 3.5e-4,
