@@ -194,6 +194,11 @@ def read_rows(work: Path) -> list[Row]:
     return list(cells.values())
 
 
+def finetune_dir(work: Path, base: BaseInfo, task: Task, spec: str) -> Path:
+    """Where a setting's fine-tune is kept: ``work/<base>/<task>/<spec>``."""
+    return work / slug(base.name) / task.name / spec
+
+
 def ensure_finetune(
     work: Path,
     base: BaseInfo,
@@ -205,7 +210,7 @@ def ensure_finetune(
 ) -> tuple[Path, dict[str, Any]]:
     """The cached fine-tune ``work/<base>/<task>/<spec>``, trained when missing, made on
     another checkpoint of the base or with other settings than ``opts`` (``stale_reason``)."""
-    out = work / slug(base.name) / task.name / spec
+    out = finetune_dir(work, base, task, spec)
     opts = {**opts, "max_eval": max_eval, "max_length": max_length}
     return out, finetune_unless_current(base, task, out, opts)
 
@@ -469,7 +474,7 @@ def backfill_val(work: Path, base: BaseInfo, task: Task, spec: str, budget: Budg
     ]
     if not todo:
         return []
-    st = open_setting(base, work / key[0] / task.name / spec, task, spec, budget)
+    st = open_setting(base, finetune_dir(work, base, task, spec), task, spec, budget)
     lab, done = st.lab, []
     for r in tqdm(todo, desc=f"{task.name}/{spec} val", unit="cell"):
         if r.method == "darex_q/labeled":
@@ -700,7 +705,7 @@ def quick(
     budget = budget or QUICK_BUDGET
     rates, methods = (0.9, 0.99), ("dare", "darex_q/labeled")
     rows = run_part(work, base, task, "quick", QUICK_SPEC, budget, rates, methods, device)
-    rec = json.loads((work / slug(base.name) / task.name / "quick" / RESULT_FILE).read_text())
+    rec = json.loads((finetune_dir(work, base, task, "quick") / RESULT_FILE).read_text())
     loss = (rec["loss_before"], rec["loss_after"])
     return QuickResult(rows, time.perf_counter() - t0, *headline(rows, 0.99), loss=loss)
 
