@@ -51,12 +51,13 @@ def row_sums(st: rp.Setting) -> list[float]:
 
 def sweep(work: Path, base_name: str, task: str, spec: str, p: float, etas) -> None:
     base = resolve_base(base_name, get_settings().data_dir)
-    ft = work / "full" / rp.slug(base.name) / task / spec
+    t = load_task(task)
+    ft = rp.finetune_dir(work / "full", base, t, spec)
     if not ft.is_dir():
         raise SystemExit(
             f"{ft}: no such fine-tune; run darex reproduce --only {task} --part {spec}"
         )
-    st = rp.open_setting(base, ft, load_task(task), spec, rp.grid_budget(rp.slug(base.name), task))
+    st = rp.open_setting(base, ft, t, spec, rp.grid_budget(rp.slug(base.name), task))
     rp._calibrate(st)
     lab, masks = st.lab, st.lab.dare_masks(p, 0)
     s = row_sums(st)
