@@ -99,8 +99,8 @@ def by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     given order). A batch is padded to its longest example, so batches of similar lengths
     pad far less than batches in file order. At the reproduction's budgets (batches of 64)
     a row is 25.7 tokens instead of 32 on rt-sentiment's test split and 41.9 instead of
-    60.9 on rt-sentiment-gen's prompts, and evaluation 1.15x and 1.43x faster
-    (``bench/predict_order.py``).
+    60.9 on rt-sentiment-gen's prompts, and evaluation 1.33x and 1.49x faster on one
+    thread (``bench/predict_order.py``).
     Padding is masked, so an example's prediction does not depend on its batch (its
     logits can, in the last bits of float rounding)."""
     if batch_size < 1:
