@@ -70,12 +70,8 @@ def main() -> None:
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model, tok = model.eval(), sp.load_tokenizer(path)
-    texts = [e.text for e in exs]
-    if task.kind == "classification":
-        ids = tok(texts, truncation=True, max_length=args.max_length)["input_ids"]
-    else:
-        ids = [r[-args.max_length :] for r in tok(texts, add_special_tokens=False)["input_ids"]]
-    lengths = [len(r) for r in ids]
+    rows = sp.token_rows(tok, task, [e.text for e in exs], args.max_length)
+    lengths = [len(r) for r in rows]
 
     orders = {"file order": file_order, "by length": sp.by_length}
     seconds: dict[str, list[float]] = {k: [] for k in orders}

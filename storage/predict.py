@@ -68,17 +68,13 @@ def predict(
         return []
     device = next(model.parameters()).device
     texts = [e.text for e in exs]
-    if task.kind == "classification":
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        lengths = [len(row) for row in encoded]
-    else:
-        rows = [
-            ids[-max_length:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ]
-        lengths = [len(r) for r in rows]
+    rows = token_rows(tokenizer, task, texts, max_length)
     preds: list = [None] * len(exs)
-    for batch in tqdm(by_length(lengths, batch_size), desc="evaluate", disable=not progress):
+    batches = by_length([len(r) for r in rows], batch_size)
+    for batch in tqdm(batches, desc="evaluate", disable=not progress):
         if task.kind == "classification":
+            # tokenized again with padding: padding the rows above with ``tokenizer.pad``
+            # is what fast tokenizers warn is slower than this call
             enc = tokenizer(
                 [texts[i] for i in batch],
                 truncation=True,
@@ -92,6 +88,14 @@ def predict(
         for i, pred in zip(batch, out, strict=True):
             preds[i] = pred
     return preds
+
+
+def token_rows(tokenizer: Any, task: Task, texts: Sequence[str], max_length: int) -> list:
+    """The token ids the model sees for each text: a classifier's with special tokens,
+    truncated to ``max_length``; a decoder prompt's last ``max_length``, without them."""
+    if task.kind == "classification":
+        return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return [r[-max_length:] for r in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
