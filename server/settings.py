@@ -20,6 +20,21 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_RATE = 0.999999
 
 
+def rate_problem(*rates: float) -> str | None:
+    """What is wrong with pruning rates outside [0, 1) (NaN too) or above ``MAX_RATE``, or
+    None when all fit: the one wording of this check for every command and the upload."""
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    if bad:
+        return f"the pruning rate p must be in [0, 1), got {', '.join(map(str, bad))}"
+    high = [r for r in rates if r > MAX_RATE]
+    if high:
+        return (
+            f"the pruning rate p must be at most {MAX_RATE} (above it the 32-bit mask "
+            f"cannot keep 1-p of the entries without bias), got {', '.join(map(str, high))}"
+        )
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DAREX_", env_file=".env", extra="ignore")
 

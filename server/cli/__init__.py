@@ -59,23 +59,6 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def rate_problem(*rates: float) -> str | None:
-    """What is wrong with pruning rates outside [0, 1) (NaN too) or above ``MAX_RATE``, or
-    None when all fit: the one wording of this check for every command."""
-    from server.settings import MAX_RATE
-
-    bad = [r for r in rates if not 0.0 <= r < 1.0]
-    if bad:
-        return f"the pruning rate p must be in [0, 1), got {', '.join(map(str, bad))}"
-    high = [r for r in rates if r > MAX_RATE]
-    if high:
-        return (
-            f"the pruning rate p must be at most {MAX_RATE} (above it the 32-bit mask "
-            f"cannot keep 1-p of the entries without bias), got {', '.join(map(str, high))}"
-        )
-    return None
-
-
 def cli_settings(factory: Callable[[], Settings] | None = None) -> Settings:
     """The settings (``get_settings()`` unless ``factory`` builds them); a bad ``DAREX_*``
     value exits 2 with one line naming the variable, what it expects and the value."""
@@ -117,9 +100,10 @@ def check_data_dir(data_dir: Path, *, create: bool) -> None:
         raise error_exit(f"DAREX_DATA_DIR={data_dir}: cannot create it ({e.strerror})", 2) from None
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> int:
     """Bind ``host:port`` once and let go, so that a taken port is refused (exit 1) before
-    a base is loaded rather than after. Port 0 (any free port) always passes."""
+    a base is loaded rather than after. Port 0 (any free port) always passes. Returns the
+    port bound: for port 0, the free one the system chose."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
@@ -129,6 +113,7 @@ def check_port_free(host: str, port: int) -> None:
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             sock.bind(addr)
+            return int(sock.getsockname()[1])
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise error_exit(f"port {port} on {host} is in use", 1) from None

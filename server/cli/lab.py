@@ -18,9 +18,8 @@ from server.cli import (
     cli_settings,
     error_exit,
     print_wide,
-    rate_problem,
 )
-from server.settings import Settings
+from server.settings import Settings, rate_problem
 
 console = Console()
 
@@ -228,7 +227,7 @@ def demo(
     steps: int | None = typer.Option(None, help="Fine-tune steps (default one epoch)."),
     train: int = typer.Option(2000, help="Training examples per fine-tune."),
     eval_n: int = typer.Option(400, "--eval", help="Test examples for the accuracy table."),
-    rate: float = typer.Option(0.99, help="Pruning rate of the stored deltas, 0 <= p < 1."),
+    rate: float = typer.Option(0.99, help="Pruning rate of the stored deltas, 0 <= p <= 0.999999."),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the server afterwards."),
     host: str | None = typer.Option(None, help="Bind address (default DAREX_HOST)."),
     port: int | None = typer.Option(None, min=0, max=65535, help="Port (default DAREX_PORT)."),
@@ -263,8 +262,9 @@ def demo(
                 f"serves {want} tasks, e.g. {', '.join(default_tasks(info))}",
                 2,
             )
-    if serve:  # refused now, not after the fine-tunes
-        check_port_free(host or s.host, port if port is not None else s.port)
+    h, pt = host or s.host, port if port is not None else s.port
+    if serve:  # refused now, not after the fine-tunes; port 0 becomes the free port found
+        pt = check_port_free(h, pt)
     store = DeltaStore(s.data_dir, open_registry(s.registry))
     budget = DemoBudget(steps=steps, train=train, eval_n=eval_n)
     rows = []
@@ -303,7 +303,6 @@ def demo(
             f"1/{r.fp16_bytes / max(r.stored_bytes, 1):.0f}",
         )
     print_wide(tab)
-    h, pt = host or s.host, port or s.port
     token = s.api_key.get_secret_value() if s.api_key else None
     url = f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{pt}"
     for line in usage_lines(rows, info.arch, url, token):

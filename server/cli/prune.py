@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from server.cli import app, error_exit, file_problem, print_wide, rate_problem
-from server.settings import Settings
+from server.cli import app, error_exit, file_problem, print_wide
+from server.settings import Settings, rate_problem
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -197,7 +197,7 @@ def _check_out(out: Path, finetuned: Path, base_dir: Path) -> None:
 def inspect(
     base: Annotated[str, typer.Argument(help="Catalog name (minilm-l6, ...) or HF folder.")],
     finetuned: Annotated[Path, typer.Argument(help="Fine-tuned HF folder or .safetensors.")],
-    rate: Annotated[float, typer.Option(help="Target pruning rate p in [0, 1).")] = 0.99,
+    rate: Annotated[float, typer.Option(help="Target pruning rate p, 0 <= p <= 0.999999.")] = 0.99,
     limit: Annotated[int, typer.Option(min=0, help="Rows of the per-tensor table (0 = all).")] = 30,
     data_dir: Annotated[
         Path, typer.Option(envvar="DAREX_DATA_DIR", help=DATA_DIR_HELP)
@@ -379,7 +379,7 @@ def prune(
     method: Annotated[
         str, typer.Option(help="dare, darex_q, magnitude, wanda, structural.")
     ] = "dare",
-    rate: Annotated[float, typer.Option(help="Pruning rate p in [0, 1).")] = 0.99,
+    rate: Annotated[float, typer.Option(help="Pruning rate p, 0 <= p <= 0.999999.")] = 0.99,
     q: Annotated[
         str | None,
         typer.Option(

@@ -17,8 +17,8 @@ from server.cli import (
     error_exit,
     file_problem,
     print_wide,
-    rate_problem,
 )
+from server.settings import rate_problem
 
 if TYPE_CHECKING:
     from storage.store import DeltaStore
@@ -124,7 +124,7 @@ def add(
     ] = None,
     rate: Annotated[
         float | None,
-        typer.Option(help="Pruning rate p, 0 <= p < 1 (default DAREX_DEFAULT_RATE)."),
+        typer.Option(help="Pruning rate p, 0 <= p <= 0.999999 (default DAREX_DEFAULT_RATE)."),
     ] = None,
     q: Annotated[
         float | None,

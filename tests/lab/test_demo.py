@@ -113,3 +113,30 @@ def test_a_rerun_with_another_budget_trains_or_scores_again_what_it_changes(
     _demo(tiny_bert_dir, steps=5, eval_n=16, rate=0.9)
     key4, stamp4, row4 = state()
     assert stamp4 == stamp3 and key4 != key3 and (row4["manifest_key"], row4["p"]) == (key4, 0.9)
+
+
+def test_port_0_serves_on_the_free_port_its_request_lines_name(
+    tiny_bert_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--port 0` picks a free port before the fine-tunes; the curl and openai lines and
+    the server use that port, not 0 and not DAREX_PORT (taken here)."""
+    import socket
+
+    import uvicorn
+
+    served: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(kw))
+    args = ["demo", "--base", str(tiny_bert_dir), "--steps", "2", "--train", "32", "--eval", "8"]
+    args += ["--task", "rt-sentiment", "--host", "127.0.0.1", "--port", "0"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("DAREX_PORT", str(taken.getsockname()[1]))
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        port = served["port"]
+        assert port != taken.getsockname()[1]
+    assert served["host"] == "127.0.0.1" and 0 < port < 65536
+    assert f"http://127.0.0.1:{port}/v1/classify" in res.output
+    assert f"on http://127.0.0.1:{port} (Ctrl-C stops)" in res.output
+    assert "127.0.0.1:0" not in res.output

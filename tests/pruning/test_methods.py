@@ -296,7 +296,6 @@ def test_every_method_takes_an_empty_tensor(shape) -> None:
 def test_rates_past_the_masks_resolution_are_refused() -> None:
     """Above p = 0.999999 the 32-bit threshold cannot keep 1-p of the entries (at
     1 - 1e-10 it keeps none while the scale says 1e10): refused, naming the limit."""
-    import server.cli
     import server.settings
     from pruning.errors import PruningError
     from pruning.sparse import MAX_RATE, keep_threshold
@@ -308,8 +307,8 @@ def test_rates_past_the_masks_resolution_are_refused() -> None:
         with pytest.raises(PruningError, match=r"tensor 'w': pruning rate p = .* above 0.999999"):
             dare(d, p, seed=0, name="w")
         keep_threshold(p)  # the mask of a blob stored before the cap still decodes
-    assert "at most 0.999999" in (server.cli.rate_problem(0.5, 0.9999999) or "")
-    assert server.cli.rate_problem(0.5, MAX_RATE) is None
+    assert "at most 0.999999" in (server.settings.rate_problem(0.5, 0.9999999) or "")
+    assert server.settings.rate_problem(0.5, MAX_RATE) is None
 
 
 def test_prune_tensor_refuses_an_option_it_does_not_know() -> None:

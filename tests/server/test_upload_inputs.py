@@ -554,6 +554,35 @@ def test_delete_never_removes_a_version_uploaded_while_it_waited(
     assert llama.delete("/admin/models/del-race", headers=AUTH).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("rate", "words"),
+    [
+        ("0.9999995", ["at most 0.999999", "0.9999995"]),
+        ("1", ["[0, 1)"]),
+        ("-0.1", ["[0, 1)"]),
+        ("nan", ["[0, 1)"]),
+        ("0.99x", ["'0.99x' is not a number"]),
+    ],
+)
+def test_a_rate_the_mask_cannot_draw_is_422_on_rate(
+    llama: TestClient, llama_ft: Path, rate: str, words: list[str]
+) -> None:
+    """The upload checks ``rate`` as `darex add --rate` does: [0, 1), at most 0.999999."""
+    data = {"model_id": "bad-rate", "rate": rate}
+    r, jobs = post(llama, data, multipart_files(llama_ft))
+    refused(llama, r, 422, "invalid_request", "rate", *words, jobs_before=jobs, model_id="bad-rate")
+
+
+def test_the_highest_rate_darex_add_takes_is_taken_by_an_upload(
+    llama: TestClient, llama_ft: Path
+) -> None:
+    """p = 0.999999 (the cap of `darex add` and DAREX_DEFAULT_RATE) is stored, not refused."""
+    r, _ = post(llama, {"model_id": "sparsest", "rate": "0.999999"}, multipart_files(llama_ft))
+    assert r.status_code == 202, r.text
+    assert wait_job(llama, r.json()["job_id"])["state"] == "done"
+    assert llama.app.state.darex.store.manifest("sparsest").p == 0.999999
+
+
 def test_task_that_fits_is_accepted(bert: TestClient, bert_cls_ft: Path) -> None:
     data = {"model_id": "cls-ok", "task": "sequence-classification", "rate": "0.9"}
     r, _ = post(bert, data, multipart_files(bert_cls_ft))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from server.api.state import AppState
 from server.api.upload import Upload, receive_upload
 from server.errors import InvalidRequest, SchedulerClosed
 from server.logging import model_id_var
+from server.settings import rate_problem
 from storage.blobs import MissingBlob
 from storage.errors import (
     BadCheckpoint,
@@ -58,13 +58,6 @@ def _number_field(up: Upload, name: str) -> float | None:
         return float(raw)
     except ValueError:
         raise InvalidRequest(f"{name}: {raw!r} is not a number", field=name) from None
-
-
-def _float_field(up: Upload, name: str, lo: float, hi: float) -> float | None:
-    v = _number_field(up, name)
-    if v is not None and (not (lo <= v <= hi) or math.isnan(v)):
-        raise InvalidRequest(f"{name}: {v} is outside [{lo}, {hi}]", field=name)
-    return v
 
 
 def _bool_field(up: Upload, name: str) -> bool:
@@ -306,7 +299,9 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         method = up.fields.get("method") or None
         if method is not None and method not in METHODS:
             raise InvalidRequest(f"method: {method!r} is not one of {METHODS}", field="method")
-        rate = _float_field(up, "rate", 0.0, 0.9999)
+        rate = _number_field(up, "rate")
+        if rate is not None and (why := rate_problem(rate)):  # as `darex add --rate`
+            raise InvalidRequest(f"rate: {why}", field="rate")
         q = _number_field(up, "q")
         if q is not None and (why := q_problem(q)):  # as `darex add --q` and the library
             raise InvalidRequest(f"q: {why}", "q")
