@@ -100,6 +100,23 @@ def check_data_dir(data_dir: Path, *, create: bool) -> None:
         raise error_exit(f"DAREX_DATA_DIR={data_dir}: cannot create it ({e.strerror})", 2) from None
 
 
+def check_data_dir_can_be_made(data_dir: Path) -> None:
+    """``check_data_dir(create=True)`` without creating anything: an existing folder is
+    checked as it would be; for a missing one, a file at or above it exits 2. Commands that
+    create the store call this first, so that one refused for another reason leaves no new
+    store behind."""
+    if data_dir.exists():
+        check_data_dir(data_dir, create=True)
+        return
+    where = data_dir.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise error_exit(
+            f"DAREX_DATA_DIR={data_dir}: cannot create it ({where} is not a directory)", 2
+        )
+
+
 def check_port_free(host: str, port: int) -> int:
     """Bind ``host:port`` once and let go, so that a taken port is refused (exit 1) before
     a base is loaded rather than after. Port 0 (any free port) always passes. Returns the

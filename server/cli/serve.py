@@ -6,7 +6,14 @@ import json
 
 import typer
 
-from server.cli import app, check_data_dir, check_port_free, cli_settings, error_exit
+from server.cli import (
+    app,
+    check_data_dir,
+    check_data_dir_can_be_made,
+    check_port_free,
+    cli_settings,
+    error_exit,
+)
 
 
 @app.command()
@@ -57,19 +64,22 @@ def _serve(
 
         if not torch.cuda.is_available():
             raise error_exit("DAREX_DEVICE is cuda, but torch sees no CUDA device here", 2)
-    check_data_dir(settings.data_dir, create=True)
+    # the port and the base are checked before the data folder is made, so that a serve
+    # refused for them leaves no new store behind
+    check_data_dir_can_be_made(settings.data_dir)
     check_port_free(settings.host, settings.port)
-    try:  # SQLite: a file that is not a database; Redis: nothing is sent yet
-        open_registry(settings.registry).close()
-    except (StorageError, ValueError) as e:
-        where = "DAREX_REGISTRY_URL" if settings.registry_url else "the registry in DAREX_DATA_DIR"
-        raise error_exit(f"{where}: {type(e).__name__}: {e}", 1) from None
     try:
         info = resolve_base(settings.base, settings.data_dir)
     except (StorageError, ValueError) as e:  # UnknownBase, BadCheckpoint: DAREX_BASE
         raise error_exit(f"DAREX_BASE: {type(e).__name__}: {e}", 2) from None
     except OSError as e:
         raise error_exit(f"DAREX_BASE: {type(e).__name__}: {e}", 1) from None
+    check_data_dir(settings.data_dir, create=True)
+    try:  # SQLite: a file that is not a database; Redis: nothing is sent yet
+        open_registry(settings.registry).close()
+    except (StorageError, ValueError) as e:
+        where = "DAREX_REGISTRY_URL" if settings.registry_url else "the registry in DAREX_DATA_DIR"
+        raise error_exit(f"{where}: {type(e).__name__}: {e}", 1) from None
     setup_logging(settings.log_level, settings.log_json)
     if ray:
         from server.ray_app import serve_ray

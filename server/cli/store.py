@@ -13,6 +13,7 @@ from rich.table import Table
 from server.cli import (
     app,
     check_data_dir,
+    check_data_dir_can_be_made,
     cli_settings,
     error_exit,
     file_problem,
@@ -168,6 +169,7 @@ def add(
     from storage.errors import BadCheckpoint, ModelExists, StorageError, UnknownBase
     from storage.ingest import ingest
     from storage.labeled import read_labeled
+    from storage.modelid import validate_model_id
     from storage.qsearch import read_calib_texts
 
     s = cli_settings()
@@ -179,25 +181,46 @@ def add(
     for option, file in (("--calib", calib), ("--val", val)):
         if file is not None and (why := file_problem(file)):
             raise error_exit(f"{option}: {why}", 2)
+    # everything that can refuse the command is checked before the store is opened, so a
+    # refused first `darex add` leaves no new store behind
+    check_data_dir_can_be_made(s.data_dir)
+    try:
+        validate_model_id(model_id)
+    except StorageError as e:
+        raise error_exit(f"MODEL_ID: {e}", 2) from None
+    if model_id == (base or s.base):  # a catalog base's id; a folder's has a "/"
+        raise error_exit(
+            f"MODEL_ID: {model_id!r} is the base's own id: a server serving this base "
+            "would answer it with the base; pick another id",
+            2,
+        )
+    if not path.exists():
+        raise error_exit(f"PATH: {path} does not exist", 2)
+    texts = rows = None
+    if calib is not None:
+        texts = read_calib_texts(calib.read_text(encoding="utf-8"))
+        if not texts:
+            raise error_exit(f"--calib: {calib} holds no calibration text", 2)
+    if val is not None:
+        try:
+            rows = read_labeled(val.read_text(encoding="utf-8"), source=str(val))
+        except PruningError as e:
+            raise error_exit(f"--val: {e}", 2) from None
+    try:
+        info = resolve_base(base or s.base, s.data_dir)
+    except (UnknownBase, BadCheckpoint) as e:  # a usage error: --base / DAREX_BASE
+        where = "--base" if base else "DAREX_BASE"
+        raise error_exit(f"{where}: {type(e).__name__}: {e}", 2) from None
+    except (StorageError, OSError) as e:
+        raise _fail(e) from None
+    if model_id == info.name:  # a server answers this id with the base itself
+        raise error_exit(
+            f"MODEL_ID: {model_id!r} is the base's own id: a server serving this base "
+            "would answer it with the base; pick another id",
+            2,
+        )
     store = _store(create=True)
     try:
-        texts = rows = None
-        if calib is not None:
-            texts = read_calib_texts(calib.read_text(encoding="utf-8"))
-            if not texts:
-                raise ValueError(f"{calib} holds no calibration text")
-        if val is not None:
-            rows = read_labeled(val.read_text(encoding="utf-8"), source=str(val))
-        try:
-            info = resolve_base(base or s.base, s.data_dir)
-        except (UnknownBase, BadCheckpoint) as e:  # a usage error: --base / DAREX_BASE
-            where = "--base" if base else "DAREX_BASE"
-            raise error_exit(f"{where}: {type(e).__name__}: {e}", 2) from None
-        if model_id == info.name:  # a server answers this id with the base itself
-            raise ValueError(
-                f"model_id {model_id!r} is the base's own id: a server serving this base "
-                "would answer it with the base; pick another id"
-            )
         res = ingest(
             store,
             model_id,

@@ -112,7 +112,7 @@ def test_serve_port_0_is_kept(calls: dict, monkeypatch: pytest.MonkeyPatch) -> N
     assert calls["run"][1]["port"] == 8123
 
 
-def test_serve_refuses_a_port_in_use_before_loading(calls: dict) -> None:
+def test_serve_refuses_a_port_in_use_before_loading(calls: dict, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -121,6 +121,7 @@ def test_serve_refuses_a_port_in_use_before_loading(calls: dict) -> None:
     assert r.exit_code == 1, r.output
     assert one_line(r.output) == f"error: port {port} on 127.0.0.1 is in use"
     assert not calls["create_app"] and not calls["run"]
+    assert not (tmp_path / "data").exists()  # refused before the store is made
 
 
 def test_serve_refuses_an_unknown_base_before_uvicorn(
@@ -134,6 +135,7 @@ def test_serve_refuses_an_unknown_base_before_uvicorn(
         line.startswith("error: DAREX_BASE: UnknownBase: unknown base") and "no-such-base" in line
     )
     assert not calls["create_app"] and not calls["run"]
+    assert not (tmp_path / "data").exists()  # refused before the store is made
 
 
 def test_serve_refuses_a_data_dir_that_is_a_file(

@@ -41,11 +41,12 @@ def test_verify_fails_on_a_corrupted_blob(env: Path, ft: Path) -> None:
 
 def test_add_refuses_bad_input_with_a_message(env: Path, ft: Path) -> None:
     r = run("add", "../evil", str(ft), "--method", "dare")
-    assert r.exit_code == 1 and "InvalidModelId" in r.output
-    r = run("add", "ok", str(ft / "nope.bin"), "--method", "dare")
+    assert r.exit_code == 2 and "MODEL_ID: model_id" in r.output, r.output
+    (ft.parent / "pickled.bin").write_bytes(b"\x80\x04")
+    r = run("add", "ok", str(ft.parent / "pickled.bin"), "--method", "dare")
     assert r.exit_code == 1 and "pickle" in r.output
     r = run("add", "minilm-l6", str(ft), "--method", "dare", "--base", "minilm-l6")
-    assert r.exit_code == 1 and "the base's own id" in r.output, r.output
+    assert r.exit_code == 2 and "the base's own id" in r.output, r.output
     assert "minilm-l6" not in run("ls").output  # nothing stored
 
 

@@ -122,6 +122,37 @@ def test_add_refuses_bad_options_up_front_naming_the_option(
     assert not env.exists()  # before any work: not even the store was opened
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["../evil", "FT", "--method", "dare"], "error: MODEL_ID: model_id"),
+        (["m", "NOPE", "--method", "dare"], "error: PATH: "),
+        (["m", "FT", "--method", "darex_q", "--calib", "EMPTY"], "holds no calibration text"),
+        (["m", "FT", "--method", "darex_q", "--val", "EMPTY"], "error: --val: "),
+        (["m", "FT", "--method", "darex_q", "--val", "NOTJSON"], "line 1: not a JSON object"),
+        (["m", "FT", "--method", "dare", "--base", "NOPE"], "error: --base: UnknownBase"),
+        (["minilm-l6", "FT", "--method", "dare", "--base", "minilm-l6"], "the base's own id"),
+    ],
+)
+def test_a_refused_first_add_leaves_no_store_behind(
+    env: Path, ft: Path, tmp_path: Path, args: list[str], says: str
+) -> None:
+    """Every refusal that needs no tensor comes before the store is opened: a first
+    `darex add` that is refused creates no data folder, registry or registry.id."""
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "notjson.jsonl").write_text("not json\n")
+    names = {
+        "FT": str(ft),
+        "NOPE": str(tmp_path / "nope"),
+        "EMPTY": str(tmp_path / "empty.txt"),
+        "NOTJSON": str(tmp_path / "notjson.jsonl"),
+    }
+    r = run("add", *[names.get(a, a) for a in args])
+    assert r.exit_code == 2, r.output
+    assert says in one_line(r.output), r.output
+    assert not env.exists()
+
+
 def test_add_q_without_method_means_darex_q(env: Path, ft: Path) -> None:
     from storage.store import DeltaStore
 
