@@ -10,6 +10,7 @@ reproduce).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,22 @@ def check_data_dir(data_dir: Path, *, create: bool) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise error_exit(f"DAREX_DATA_DIR={data_dir}: cannot create it ({e.strerror})", 2) from None
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why a folder cannot be made or written at ``path`` (a file there or above it, or no
+    write permission in its nearest existing folder), or None: checked before a long run
+    that writes there at its end."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file; give a folder"
+    where = path.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        return f"{path} cannot be made: {where} is a file, not a folder"
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"{path}: cannot write in {where}"
+    return None
 
 
 def check_data_dir_can_be_made(data_dir: Path) -> None:

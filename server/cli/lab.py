@@ -14,9 +14,12 @@ from rich.table import Table
 
 from server.cli import (
     app,
+    check_data_dir,
+    check_data_dir_can_be_made,
     check_port_free,
     cli_settings,
     error_exit,
+    folder_problem,
     print_wide,
 )
 from server.settings import Settings, rate_problem
@@ -66,13 +69,13 @@ def reproduce(
     rates: str = typer.Option("", help="Comma-separated rates (default 0.5,0.9,0.95,0.99,0.999)."),
     methods: str = typer.Option("", help="Comma-separated methods (default: all)."),
     test: int | None = typer.Option(
-        None, help="Test examples per evaluation (default: the task's grid budget)."
+        None, min=1, help="Test examples per evaluation (default: the task's grid budget)."
     ),
     val: int | None = typer.Option(
-        None, help="Validation examples for the labeled q search (default: the grid's)."
+        None, min=1, help="Validation examples for the labeled q search (default: the grid's)."
     ),
     max_length: int | None = typer.Option(
-        None, help="Tokens per example, longer ones cut (default: the grid's)."
+        None, min=1, help="Tokens per example, longer ones cut (default: the grid's)."
     ),
     report_only: bool = typer.Option(False, help="Only rebuild the report from the results."),
     jobs: int = typer.Option(
@@ -106,8 +109,15 @@ def reproduce(
         ) from None
     if why := rate_problem(*given_rates):
         raise typer.BadParameter(why, param_hint="--rates")
-    if out is not None and out.exists() and not out.is_dir():
-        raise typer.BadParameter(f"{out} is a file; give a folder", param_hint="--out")
+    for option, folder in (("--out", out), ("--work", work)):
+        if folder is not None and (why := folder_problem(folder)):
+            raise typer.BadParameter(why, param_hint=option)
+    if quick and (only or part or methods or rates or test or val or max_length or report_only):
+        raise typer.BadParameter(
+            "--quick runs its own setting (rt-sentiment, p 0.9 and 0.99, DARE and DAREx-q); "
+            "--only, --part, --methods, --rates, --test, --val, --max-length and "
+            "--report-only are for the full grid"
+        )
     if report_only and out is None:
         raise typer.BadParameter("--report-only writes the report: give --out DIR")
     if report_only and (only or part or methods or rates):
@@ -224,18 +234,20 @@ def _write_report(out: Path, work: Path, name: str, seconds: float, *, quick: bo
 def demo(
     base: str | None = typer.Option(None, help="Base (default DAREX_BASE, i.e. minilm-l6)."),
     task: list[str] = typer.Option([], "--task", help="Demo tasks (default: 3 for encoders)."),
-    steps: int | None = typer.Option(None, help="Fine-tune steps (default one epoch)."),
-    train: int = typer.Option(2000, help="Training examples per fine-tune."),
-    eval_n: int = typer.Option(400, "--eval", help="Test examples for the accuracy table."),
+    steps: int | None = typer.Option(None, min=1, help="Fine-tune steps (default one epoch)."),
+    train: int = typer.Option(2000, min=1, help="Training examples per fine-tune."),
+    eval_n: int = typer.Option(400, "--eval", min=1, help="Test examples for the accuracy table."),
     rate: float = typer.Option(0.99, help="Pruning rate of the stored deltas, 0 <= p <= 0.999999."),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the server afterwards."),
     host: str | None = typer.Option(None, help="Bind address (default DAREX_HOST)."),
     port: int | None = typer.Option(None, min=0, max=65535, help="Port (default DAREX_PORT)."),
 ) -> None:
     """Fine-tune small demo models, store them at p = 0.99, print a table, then serve them."""
+    import sqlite3
+
     from server.demo import DemoBudget, build_one, default_tasks, usage_lines
     from storage.bases import resolve_base
-    from storage.errors import BadCheckpoint, UnknownBase
+    from storage.errors import BadCheckpoint, StorageError, UnknownBase
     from storage.registry import open_registry
     from storage.store import DeltaStore
 
@@ -249,6 +261,7 @@ def demo(
     if not os.environ.get("DAREX_ADMIN_TOKEN"):
         os.environ.setdefault("DAREX_ENV", "development")
     s = cli_settings(Settings)
+    check_data_dir_can_be_made(s.data_dir)
     try:
         info = resolve_base(base or s.base, s.data_dir)
     except (UnknownBase, BadCheckpoint) as e:
@@ -264,8 +277,17 @@ def demo(
             )
     h, pt = host or s.host, port if port is not None else s.port
     if serve:  # refused now, not after the fine-tunes; port 0 becomes the free port found
+        try:
+            s.check_serving()
+        except ValueError as e:  # the default admin token outside development
+            raise error_exit(str(e), 2) from None
         pt = check_port_free(h, pt)
-    store = DeltaStore(s.data_dir, open_registry(s.registry))
+    check_data_dir(s.data_dir, create=True)
+    try:
+        store = DeltaStore(s.data_dir, open_registry(s.registry))
+    except (StorageError, OSError, sqlite3.Error, ValueError) as e:
+        where = "DAREX_REGISTRY_URL" if s.registry_url else "the store in DAREX_DATA_DIR"
+        raise error_exit(f"{where}: {type(e).__name__}: {e}", 1) from None
     budget = DemoBudget(steps=steps, train=train, eval_n=eval_n)
     rows = []
     try:

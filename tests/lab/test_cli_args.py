@@ -38,6 +38,13 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--out", "FILE", "--report-only"], "is a file; give a folder"),
         (["--report-only", "--out", "OUT", "--only", "arith"], "choose what a run runs"),
         (["--report-only", "--out", "OUT", "--methods", "foo"], "choose what a run runs"),
+        (["--out", "UNDERFILE"], "is a file, not a folder"),
+        (["--work", "UNDERFILE"], "is a file, not a folder"),
+        (["--quick", "--only", "arith"], "are for the full grid"),
+        (["--quick", "--rates", "0.9"], "are for the full grid"),
+        (["--quick", "--out", "OUT", "--report-only"], "are for the full grid"),
+        (["--test", "0"], "greater than or equal to 1"),
+        (["--max-length", "-1"], "greater than or equal to 1"),
     ],
 )
 def test_reproduce_refuses_bad_rates_and_bases_before_any_work(
@@ -45,7 +52,11 @@ def test_reproduce_refuses_bad_rates_and_bases_before_any_work(
 ) -> None:
     work = tmp_path / "work"
     (tmp_path / "file").write_text("a file")
-    paths = {"FILE": str(tmp_path / "file"), "OUT": str(tmp_path / "out")}
+    paths = {
+        "FILE": str(tmp_path / "file"),
+        "OUT": str(tmp_path / "out"),
+        "UNDERFILE": str(tmp_path / "file" / "sub"),
+    }
     r = run("reproduce", "--work", str(work), *[paths.get(a, a) for a in args])
     assert r.exit_code == 2, r.output
     flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split())  # rich's box taken out
@@ -123,3 +134,50 @@ def test_demo_refuses_a_port_in_use_before_the_fine_tunes(
     assert r.exit_code == 1, r.output
     assert r.output.strip().splitlines() == [f"error: port {port} on 127.0.0.1 is in use"]
     assert not (data_dir / "registry.sqlite3").exists()
+
+
+@pytest.mark.parametrize("token", ["change-me", "  "])
+def test_demo_refuses_the_default_admin_token_before_the_fine_tunes(
+    tiny_bert_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    """Serving with the default or a blank token outside development is refused up front,
+    not after minutes of fine-tuning."""
+    monkeypatch.setenv("DAREX_ENV", "production")
+    monkeypatch.setenv("DAREX_ADMIN_TOKEN", token)
+    r = run("demo", "--base", str(tiny_bert_dir), "--port", "0")
+    assert r.exit_code == 2, r.output
+    (line,) = r.output.strip().splitlines()
+    assert line.startswith("error: DAREX_ADMIN_TOKEN is unset, blank or the default"), line
+    assert not data_dir.exists()
+
+
+def test_demo_refuses_a_data_dir_that_is_a_file_in_one_line(
+    tiny_bert_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "afile").write_text("")
+    for where in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        monkeypatch.setenv("DAREX_DATA_DIR", str(where))
+        get_settings.cache_clear()
+        r = run("demo", "--base", str(tiny_bert_dir), "--no-serve")
+        assert r.exit_code == 2, r.output
+        (line,) = r.output.strip().splitlines()
+        assert line.startswith(f"error: DAREX_DATA_DIR={where}") and "not a directory" in line
+
+
+def test_demo_refuses_a_registry_that_is_not_a_database_in_one_line(
+    tiny_bert_dir: Path, data_dir: Path
+) -> None:
+    data_dir.mkdir()
+    (data_dir / "registry.sqlite3").write_text("not a database " * 20)
+    r = run("demo", "--base", str(tiny_bert_dir), "--no-serve")
+    assert r.exit_code == 1, r.output
+    (line,) = r.output.strip().splitlines()
+    assert "the store in DAREX_DATA_DIR" in line and "file is not a database" in line, line
+    assert not (data_dir / "demo").exists()  # before any fine-tune
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--train", "0"], ["--eval", "0"]])
+def test_demo_refuses_budgets_below_one(args: list[str], data_dir: Path) -> None:
+    r = demo(*args)
+    assert r.exit_code == 2 and args[0] in r.output, r.output
+    assert not data_dir.exists()
