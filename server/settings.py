@@ -136,6 +136,8 @@ class Settings(BaseSettings):
                 "should be empty (SQLite in the data dir), sqlite:///path or "
                 "redis://host:port/db (rediss://, unix:// too)"
             )
+        if v.startswith("sqlite:///") and not v.removeprefix("sqlite:///").strip():
+            raise ValueError("should name the SQLite file after sqlite:///, e.g. sqlite:///reg.db")
         if v.startswith(("redis://", "rediss://", "unix://")):
             from redis.connection import parse_url
 
@@ -152,6 +154,17 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"should be one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("base")
+    @classmethod
+    def _base_not_blank(cls, v: str) -> str:
+        """``DAREX_BASE=`` would be read as the current folder, and refused as a checkpoint
+        without config.json, which does not say that the variable was left blank."""
+        if not v.strip():
+            raise ValueError(
+                "should be a catalog name or a model folder, not empty (unset it for minilm-l6)"
+            )
+        return v
 
     @field_validator("data_dir", mode="before")
     @classmethod

@@ -178,6 +178,11 @@ class DeltaStore:
             return path.read_text(encoding="utf-8").strip() or None  # empty: a torn write
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            raise RegistryMismatch(
+                f"{path} is a folder, not the store's registry record; remove it, then run "
+                "`darex rebind --yes`"
+            ) from None
         except (OSError, UnicodeDecodeError) as e:
             raise RegistryMismatch(
                 f"{path} cannot be read ({e}); rewrite it: `darex rebind --yes`"
@@ -265,7 +270,13 @@ class DeltaStore:
         not registered in this registry are unreferenced from now on, and go at the next
         ``gc``.
         """
-        old = self._recorded_registry() if (self.root / REGISTRY_ID_FILE).exists() else None
+        path = self.root / REGISTRY_ID_FILE
+        try:
+            old = self._recorded_registry() if path.exists() else None
+        except RegistryMismatch:
+            if path.is_dir():  # not replaced: a folder is not ours to delete
+                raise
+            old = "an unreadable record"  # what `darex rebind --yes` is told to rewrite
         rid = self.registry.registry_id(create=True)
         self._write_registry_id(rid, exclusive=False)
         log.warning("store %s bound to registry %s (was %s)", self.root, rid, old or "none")

@@ -71,6 +71,8 @@ def cli_settings(factory: Callable[[], Settings] | None = None) -> Settings:
         return (factory or get_settings)()
     except ValidationError as e:
         raise error_exit(describe_error(e), 2) from None
+    except UnicodeDecodeError as e:  # the .env the settings read is not UTF-8
+        raise error_exit(f".env: not UTF-8 text (byte {e.start}: {e.reason})", 2) from None
     except ValueError as e:  # pydantic_settings.SettingsError: e.g. an unreadable .env
         raise error_exit(str(e), 2) from None
 

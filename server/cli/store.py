@@ -369,13 +369,18 @@ def rebind(
     configured one: blobs of models not registered in it are unreferenced from then on,
     and go at the next gc.
     """
-    from storage.errors import StorageError
+    from storage.errors import RegistryMismatch, StorageError
     from storage.store import REGISTRY_ID_FILE, shown_url
 
     try:
         store = _store()
         url = shown_url(store.registry.url)
-        problem = store.registry_problem()
+        try:
+            problem = store.registry_problem()
+        except RegistryMismatch as e:  # registry.id unreadable: what --yes rewrites
+            if not yes or (store.root / REGISTRY_ID_FILE).is_dir():
+                raise
+            problem = str(e)
         bound = (store.root / REGISTRY_ID_FILE).exists()
         if bound and problem is None:
             console.print(f"nothing to do: {url} is the store's registry", soft_wrap=True)
@@ -390,4 +395,6 @@ def rebind(
         old, new = store.rebind()
     except (StorageError, OSError, ValueError) as e:
         raise _fail(e) from None
-    console.print(f"rebound: the store's registry is now {new} (was {old or 'none'})")
+    console.print(
+        f"rebound: the store's registry is now {new} (was {old or 'none'})", soft_wrap=True
+    )

@@ -65,6 +65,8 @@ def free_port() -> int:
         ("DAREX_MAX_TENSORS", "-5", "greater than or equal to 1"),
         ("DAREX_HOST_CACHE_BYTES", "-1", "greater than or equal to 0"),
         ("DAREX_DATA_DIR", "", "not empty"),
+        ("DAREX_BASE", "", "not empty"),
+        ("DAREX_REGISTRY_URL", "sqlite:///", "should name the SQLite file"),
     ],
 )
 @pytest.mark.parametrize("cmd", ["config", "serve"])
@@ -184,3 +186,14 @@ def test_serve_refuses_cuda_where_there_is_none(calls: dict, monkeypatch) -> Non
 
 def test_log_level_is_taken_in_any_case() -> None:
     assert Settings(log_level="debug").log_level == "DEBUG"
+
+
+def test_a_dot_env_that_is_not_utf8_is_named(
+    calls: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_bytes(b"DAREX_PORT=80\xff\n")
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    r = run("config")
+    assert r.exit_code == 2, r.output
+    assert one_line(r.output) == "error: .env: not UTF-8 text (byte 13: invalid start byte)"

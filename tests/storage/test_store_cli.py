@@ -80,3 +80,27 @@ def test_gc_with_another_registry_refuses_until_rebind(
     assert "manifest blob" in r.output and "missing" in r.output
     r = run("verify")
     assert r.exit_code == 1 and "belongs to registry" in r.output
+
+
+def test_rebind_yes_rewrites_an_unreadable_registry_record(env: Path, ft: Path) -> None:
+    """The fix an unreadable registry.id's message names works: `darex rebind --yes`
+    rewrites it, and gc runs again; a folder in its place is named, not deleted."""
+    assert run("add", "kept", str(ft), "--method", "dare", "--rate", "0.9").exit_code == 0
+    record = env / "registry.id"
+    good = record.read_text()
+    record.write_bytes(b"\xff\xfe\x00")
+    r = run("gc", "--grace-s", "0")
+    assert r.exit_code == 1 and "darex rebind --yes" in r.output, r.output
+    r = run("rebind")
+    assert r.exit_code == 1 and "cannot be read" in r.output, r.output
+    r = run("rebind", "--yes")
+    assert r.exit_code == 0 and "was an unreadable record" in r.output, r.output
+    assert record.read_text() == good  # the same registry: its id again
+    assert run("gc", "--grace-s", "0").exit_code == 0
+    assert "kept" in run("ls").output
+    record.unlink()
+    record.mkdir()
+    for args in (("gc",), ("rebind", "--yes")):
+        r = run(*args)
+        assert r.exit_code == 1 and "is a folder" in r.output and "remove it" in r.output, r.output
+    assert record.is_dir()
