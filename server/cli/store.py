@@ -29,8 +29,11 @@ console = Console()
 SEED_MASK_METHODS = ("dare", "darex_q")  # the methods whose kept entries a seed redraws
 
 
-def _store(*, create: bool = False) -> DeltaStore:
-    """The store of ``DAREX_DATA_DIR``; only ``add`` (``create``) makes a missing folder."""
+def _store(*, create: bool = False, new_registry: bool = False) -> DeltaStore:
+    """The store of ``DAREX_DATA_DIR``; only ``add`` (``create``) makes a missing folder.
+    A SQLite registry file that does not exist is made only by ``add`` and by
+    ``rebind --yes`` (``new_registry``): the commands that read would otherwise list an
+    empty registry made on the spot (a mistyped ``DAREX_REGISTRY_URL``) as the store's."""
     import sqlite3
 
     from storage.errors import StorageError
@@ -38,6 +41,20 @@ def _store(*, create: bool = False) -> DeltaStore:
 
     s = cli_settings()
     check_data_dir(s.data_dir, create=create)
+    reg = s.registry
+    if not (create or new_registry) and reg.startswith("sqlite:///"):
+        path = Path(reg.removeprefix("sqlite:///"))
+        if not path.exists():
+            where = (
+                f"DAREX_REGISTRY_URL: no SQLite registry at {path}"
+                if s.registry_url
+                else f"DAREX_REGISTRY_URL is unset and the data folder has no registry ({path})"
+            )
+            raise error_exit(
+                f"{where}: point DAREX_REGISTRY_URL at the store's registry, or, if that is "
+                "lost for good, `darex rebind --yes` makes a new one the store's",
+                2,
+            )
     try:
         return DeltaStore(s.data_dir, s.registry)
     except (StorageError, OSError, sqlite3.Error, ValueError) as e:
@@ -373,7 +390,7 @@ def rebind(
     from storage.store import REGISTRY_ID_FILE, shown_url
 
     try:
-        store = _store()
+        store = _store(new_registry=yes)
         url = shown_url(store.registry.url)
         try:
             problem = store.registry_problem()

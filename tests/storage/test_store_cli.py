@@ -59,7 +59,11 @@ def test_gc_with_another_registry_refuses_until_rebind(
 
     assert run("add", "kept", str(ft), "--method", "dare", "--rate", "0.9").exit_code == 0
     blobs = sorted(p for p in (env / "objects").rglob("*") if p.is_file())
-    monkeypatch.setenv("DAREX_REGISTRY_URL", f"sqlite:///{tmp_path / 'other.sqlite3'}")
+    from storage.registry import open_registry
+
+    other = f"sqlite:///{tmp_path / 'other.sqlite3'}"
+    open_registry(other).close()  # another registry, empty
+    monkeypatch.setenv("DAREX_REGISTRY_URL", other)
     get_settings.cache_clear()
     r = run("gc", "--grace-s", "0")
     assert r.exit_code == 1 and "RegistryMismatch" in r.output and "belongs to registry" in r.output
@@ -104,3 +108,30 @@ def test_rebind_yes_rewrites_an_unreadable_registry_record(env: Path, ft: Path) 
         r = run(*args)
         assert r.exit_code == 1 and "is a folder" in r.output and "remove it" in r.output, r.output
     assert record.is_dir()
+
+
+def test_read_only_commands_refuse_a_sqlite_registry_that_does_not_exist(
+    env: Path, ft: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A mistyped DAREX_REGISTRY_URL would otherwise be made on the spot, empty, and `ls`
+    would list no model; only `rebind --yes` makes a new registry the store's."""
+    from server.settings import get_settings
+
+    assert run("add", "kept", str(ft), "--method", "dare", "--rate", "0.9").exit_code == 0
+    missing = tmp_path / "typo" / "reg.db"
+    monkeypatch.setenv("DAREX_REGISTRY_URL", f"sqlite:///{missing}")
+    get_settings.cache_clear()
+    for args in (("ls",), ("verify",), ("rm", "kept"), ("gc",), ("rebind",)):
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert f"DAREX_REGISTRY_URL: no SQLite registry at {missing}" in r.output, r.output
+        assert not missing.parent.exists()
+    monkeypatch.delenv("DAREX_REGISTRY_URL")
+    get_settings.cache_clear()
+    (env / "registry.sqlite3").unlink()
+    r = run("ls")
+    assert r.exit_code == 2 and "DAREX_REGISTRY_URL is unset" in r.output, r.output
+    assert not (env / "registry.sqlite3").exists()
+    r = run("rebind", "--yes")  # the registry lost for good: a new one, bound
+    assert r.exit_code == 0 and "rebound" in r.output, r.output
+    assert run("ls").exit_code == 0
