@@ -105,7 +105,12 @@ def _resolve(base: str, data_dir: Path) -> tuple[Path, str]:
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or []
         )
         return folder, "decoder" if causal else "encoder"
-    info = resolve_base(base, data_dir)
+    from storage.errors import BadCheckpoint, UnknownBase
+
+    try:
+        info = resolve_base(base, data_dir)
+    except (UnknownBase, BadCheckpoint) as e:  # a usage error, as for `darex add --base`
+        raise error_exit(f"BASE: {type(e).__name__}: {e}", 2) from None
     return Path(info.path), info.arch
 
 

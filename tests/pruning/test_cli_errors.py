@@ -264,3 +264,12 @@ def test_failed_prune_leaves_no_partial_output(
     code, text = _invoke("prune", tiny_bert_dir, nan_ft, "--out", kept)
     assert code == 1, text
     assert sorted(p.name for p in kept.iterdir()) == ["darex_prune.json", "notes.txt"]
+
+
+@pytest.mark.parametrize("cmd", ["inspect", "prune"])
+def test_an_unknown_base_exits_2_as_for_add(cmd: str, bert_ft: Path, tmp_path: Path) -> None:
+    extra = ["--out", str(tmp_path / "out")] if cmd == "prune" else []
+    code, out = _invoke(cmd, "nosuchbase", bert_ft, *extra)
+    assert code == 2, out
+    assert out.strip().startswith("error: BASE: UnknownBase: unknown base 'nosuchbase'"), out
+    assert not (tmp_path / "out").exists()
