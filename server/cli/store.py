@@ -205,12 +205,16 @@ def add(
         validate_model_id(model_id)
     except StorageError as e:
         raise error_exit(f"MODEL_ID: {e}", 2) from None
-    if model_id == (base or s.base):  # a catalog base's id; a folder's has a "/"
-        raise error_exit(
-            f"MODEL_ID: {model_id!r} is the base's own id: a server serving this base "
-            "would answer it with the base; pick another id",
+
+    def own_id() -> typer.Exit:
+        return error_exit(
+            f"MODEL_ID: {model_id!r} is the base's own id: a server serving this base would "
+            "answer it with the base; pick another id",
             2,
         )
+
+    if model_id == (base or s.base):  # a catalog base's id; a folder's has a "/"
+        raise own_id()
     if not path.exists():
         raise error_exit(f"PATH: {path} does not exist", 2)
     texts = rows = None
@@ -231,11 +235,7 @@ def add(
     except (StorageError, OSError) as e:
         raise _fail(e) from None
     if model_id == info.name:  # a server answers this id with the base itself
-        raise error_exit(
-            f"MODEL_ID: {model_id!r} is the base's own id: a server serving this base "
-            "would answer it with the base; pick another id",
-            2,
-        )
+        raise own_id()
     store = _store(create=True)
     try:
         res = ingest(
