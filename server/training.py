@@ -43,6 +43,7 @@ from server.evaluation import (
     reference,
 )
 from storage.bases import BaseInfo, tensor_names
+from storage.blobs import nearest_existing
 from storage.tasks import Example, Task, load_task
 
 __all__ = [
@@ -367,16 +368,12 @@ def check_out_dir(out: Path | str, base_dir: Path | str | None = None) -> None:
                 f"or a previous fine-tune's (with {RESULT_FILE}), which is replaced"
             )
     else:
-        parent = out.absolute().parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
+        parent = nearest_existing(out)
         if not parent.is_dir():
             raise FinetuneError(f"--out {out}: {parent} is a file, not a folder")
     # found now, not when the checkpoint is written after the training: it is written in a
     # temporary folder beside --out, then renamed into place
-    where = out.absolute().parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    where = nearest_existing(out.absolute().parent)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".darex-write-check-", dir=where))
     except OSError as e:

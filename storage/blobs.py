@@ -56,6 +56,15 @@ def _check_key(key: str) -> str:
     return key
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` (made absolute) or its closest ancestor that exists: where a folder that
+    is not there yet would be created, for checks made before creating it."""
+    where = path.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -346,10 +346,15 @@ class SQLiteRegistry(Registry):
             self._db.close()
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` registry URL; None for another scheme."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
 def open_registry(url: str, *, prefix: str = "darex") -> Registry:
     """``sqlite:///path`` or ``redis://host:port/db`` (``rediss://`` too)."""
-    if url.startswith("sqlite:///"):
-        return SQLiteRegistry(url.removeprefix("sqlite:///"))
+    if (path := sqlite_path(url)) is not None:
+        return SQLiteRegistry(path)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from storage.redis_registry import RedisRegistry
 

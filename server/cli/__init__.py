@@ -109,9 +109,9 @@ def folder_problem(path: Path) -> str | None:
     that writes there at its end."""
     if path.exists() and not path.is_dir():
         return f"{path} is a file; give a folder"
-    where = path.absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    from storage.blobs import nearest_existing
+
+    where = nearest_existing(path)
     if not where.is_dir():
         return f"{path} cannot be made: {where} is a file, not a folder"
     if not os.access(where, os.W_OK | os.X_OK):
@@ -127,9 +127,9 @@ def check_data_dir_can_be_made(data_dir: Path) -> None:
     if data_dir.exists():
         check_data_dir(data_dir, create=True)
         return
-    where = data_dir.absolute().parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    from storage.blobs import nearest_existing
+
+    where = nearest_existing(data_dir)
     if not where.is_dir():
         raise error_exit(
             f"DAREX_DATA_DIR={data_dir}: cannot create it ({where} is not a directory)", 2

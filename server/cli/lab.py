@@ -335,9 +335,8 @@ def demo(
 
     from server.api.app import create_app
 
-    s = Settings(
+    s = Settings(  # its token was checked before the fine-tunes
         base=str(info.path) if info.name not in ("minilm-l6", "smollm2-135m") else info.name
     )
-    s.check_serving()
     typer.echo(f"serving {len(rows)} fine-tunes of {info.name} on {url} (Ctrl-C stops)")
     uvicorn.run(create_app(s), host=h, port=pt, log_level="warning")

@@ -37,24 +37,23 @@ def _store(*, create: bool = False, new_registry: bool = False) -> DeltaStore:
     import sqlite3
 
     from storage.errors import StorageError
+    from storage.registry import sqlite_path
     from storage.store import DeltaStore
 
     s = cli_settings()
     check_data_dir(s.data_dir, create=create)
-    reg = s.registry
-    if not (create or new_registry) and reg.startswith("sqlite:///"):
-        path = Path(reg.removeprefix("sqlite:///"))
-        if not path.exists():
-            where = (
-                f"DAREX_REGISTRY_URL: no SQLite registry at {path}"
-                if s.registry_url
-                else f"DAREX_REGISTRY_URL is unset and the data folder has no registry ({path})"
-            )
-            raise error_exit(
-                f"{where}: point DAREX_REGISTRY_URL at the store's registry, or, if that is "
-                "lost for good, `darex rebind --yes` makes a new one the store's",
-                2,
-            )
+    path = sqlite_path(s.registry)
+    if not (create or new_registry) and path is not None and not path.exists():
+        where = (
+            f"DAREX_REGISTRY_URL: no SQLite registry at {path}"
+            if s.registry_url
+            else f"DAREX_REGISTRY_URL is unset and the data folder has no registry ({path})"
+        )
+        raise error_exit(
+            f"{where}: point DAREX_REGISTRY_URL at the store's registry, or, if that is "
+            "lost for good, `darex rebind --yes` makes a new one the store's",
+            2,
+        )
     try:
         return DeltaStore(s.data_dir, s.registry)
     except (StorageError, OSError, sqlite3.Error, ValueError) as e:
