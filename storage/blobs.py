@@ -36,7 +36,7 @@ from storage.errors import CorruptBlob, StorageError
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^[0-9a-f]{64}$")
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 class MissingBlob(StorageError, KeyError):
@@ -51,7 +51,7 @@ def blob_key(data: bytes) -> str:
 
 
 def _check_key(key: str) -> str:
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):
         raise ValueError(f"not a blob key (64 lowercase hex digits): {key!r}")
     return key
 
@@ -191,7 +191,7 @@ class BlobStore:
                 continue
             for f in sorted(sub.iterdir()):
                 key = sub.name + f.name
-                if _KEY.match(key):
+                if _KEY.fullmatch(key):
                     yield key
 
     def delete(self, key: str) -> int:

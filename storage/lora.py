@@ -36,7 +36,7 @@ def adapter_name(key: str) -> str:
     return key.removeprefix(_PEFT_PREFIX).replace(".modules_to_save", "")
 
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B|embedding_A|embedding_B)(\.weight)?$")
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<kind>A|B|embedding_A|embedding_B)(\.weight)?")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class LoraAdapter:
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern lookup: a key matches a module name suffix as a regex."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.fullmatch(rf"(.*\.)?({key})", module):
             return value
     return default
 
@@ -155,7 +155,7 @@ def read_adapter(folder: Path | str) -> LoraAdapter:
         name = key.removeprefix(_PEFT_PREFIX)
         if "lora_magnitude_vector" in name:
             raise BadCheckpoint(f"{weights}: tensor {key!r} is DoRA, not supported")
-        m = _LORA_KEY.match(name)
+        m = _LORA_KEY.fullmatch(name)
         if m is None:
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise BadCheckpoint(f"{weights}: tensor {key!r} is not a finite float tensor")

@@ -7,7 +7,7 @@ import re
 from storage.errors import InvalidModelId
 
 MAX_MODEL_ID = 128
-_ALLOWED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+_ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
 def validate_model_id(model_id: object) -> str:
@@ -26,7 +26,7 @@ def validate_model_id(model_id: object) -> str:
         raise InvalidModelId(f"model_id {model_id!r} contains a path separator")
     if ".." in model_id:
         raise InvalidModelId(f"model_id {model_id!r} contains '..'")
-    if not _ALLOWED.match(model_id):
+    if not _ALLOWED.fullmatch(model_id):
         raise InvalidModelId(
             f"model_id {model_id!r} must start with a letter or digit and use only "
             "letters, digits and . _ : -"

@@ -27,7 +27,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.errors import InvalidRequest, PayloadTooLarge
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_FIELD_BYTES = 4096
 FIELD_LIMITS = {"calib": 64 * 1024, "val": 1 << 20}  # calibration texts; labeled JSON lines
 MAX_PARTS = 64
@@ -57,7 +57,7 @@ class _Part:
 
 def _safe_filename(raw: str) -> str:
     name = raw.replace("\\", "/").rsplit("/", 1)[-1]
-    if not SAFE_NAME.match(name) or ".." in name:
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
         raise InvalidRequest(f"file name {raw!r} is not allowed", field="files")
     return name
 

@@ -291,6 +291,7 @@ BAD_MODEL_IDS: list[str] = [
     "a b",
     "a\x00b",
     "a\nb",
+    "abc\n",  # a pattern ending in $ would take it
     "ünïcödé",
     "名前",
     "a\u202eb",  # right-to-left override

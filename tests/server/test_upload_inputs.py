@@ -217,6 +217,27 @@ def test_multipart_body_without_closing_boundary_is_422(
     )
 
 
+@pytest.mark.parametrize(
+    "filename", ["model.safetensors\n", "a b.safetensors", "..safetensors", ".hidden"]
+)
+def test_a_file_name_outside_the_safe_set_is_422(
+    llama: TestClient, llama_ft: Path, filename: str
+) -> None:
+    files = [("files", f.name, f.read_bytes()) for f in sorted(llama_ft.iterdir()) if f.is_file()]
+    body = _multipart([("model_id", None, b"bad-name"), *files, ("files", filename, b"x")])
+    r, jobs = post_raw(llama, body)
+    refused(
+        llama,
+        r,
+        422,
+        "invalid_request",
+        "files",
+        f"file name {filename!r} is not allowed",
+        jobs_before=jobs,
+        model_id="bad-name",
+    )
+
+
 # ---------------------------------------------------------------- unreadable files
 
 

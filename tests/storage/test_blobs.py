@@ -63,7 +63,7 @@ def test_missing_blob_and_bad_keys(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     with pytest.raises(MissingBlob):
         store.get("0" * 64)
-    for bad in ("../../etc/passwd", "ABC", "0" * 63):
+    for bad in ("../../etc/passwd", "ABC", "0" * 63, "0" * 64 + "\n"):
         with pytest.raises(ValueError):
             store.path(bad)
 
