@@ -97,17 +97,15 @@ def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
         return read
 
     def extra(fname: str) -> Callable[[], torch.Tensor]:
-        def read() -> torch.Tensor:
-            t = ft.get(fname)
-            _check_finite(t, fname)
-            return t
-
-        return read
+        return lambda: storable_extra(ft.get(fname), fname)
 
     def check() -> None:
-        for fname in [*plan.pairs.values(), *plan.extras]:
+        for fname in plan.pairs.values():
             if ft.meta[fname].dtype.is_floating_point:
                 _check_finite(ft.get(fname), fname)
+        for fname in plan.extras:
+            if ft.meta[fname].dtype.is_floating_point:
+                storable_extra(ft.get(fname), fname)
 
     task, labels = read_task(ft.config)
     return Source(
@@ -183,10 +181,22 @@ def _check_servable(
         raise BadCheckpoint(why)
 
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
+def _check_finite(t: torch.Tensor, name: str, what: str = "NaN/Inf value(s)") -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise BadCheckpoint(f"tensor {name!r} holds {bad} NaN/Inf value(s)")
+        raise BadCheckpoint(f"tensor {name!r} holds {bad} {what}")
+
+
+def storable_extra(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A tensor stored whole (a head, a LoRA ``modules_to_save``), checked for NaN/Inf.
+
+    The codec keeps 16- and 32-bit floats; a float64 one is stored as float32, which is
+    what the engine computes in at most (a value past float32's range is refused)."""
+    _check_finite(t, name)
+    if t.dtype == torch.float64:
+        t = t.float()
+        _check_finite(t, name, "value(s) past float32's range (it is float64)")
+    return t
 
 
 def check_tensor_count(n: int, limit: int) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from storage.checkpoint import Checkpoint, _best_mapping
 from storage.errors import BaseMismatch
-from storage.ingest import Source
+from storage.ingest import Source, storable_extra
 from storage.lora import read_adapter
 
 _TASKS = {"SEQ_CLS": "sequence-classification", "CAUSAL_LM": "causal-lm"}
@@ -57,7 +57,7 @@ def lora_source(folder: Path, base: Checkpoint) -> Source:
                 )
             deltas[bname] = lambda t=t, b=bname: t.float() - base.get(b).float()
         else:
-            extras[name] = lambda t=t: t
+            extras[name] = lambda t=t, n=name: storable_extra(t, n)
     task = lora_task(adapter.config)
     numel = sum(m.numel for m in base.meta.values() if m.dtype.is_floating_point)
     numel += sum(adapter.extras[n].numel() for n in extras)

@@ -228,6 +228,46 @@ def test_bad_values_are_refused_before_any_write(bert_ft, tiny_bert_dir, store, 
     assert list(store.blobs.iter_keys()) == []
 
 
+def test_a_float64_head_is_stored_as_float32_and_one_past_its_range_is_refused(
+    bert_ft, tiny_bert_dir, store, tmp_path
+) -> None:
+    """The codec keeps 16- and 32-bit floats: a float64 head (the tensor stored last) is
+    stored as its float32 rounding; a value float32 cannot hold is refused by name before
+    any blob is written."""
+
+    def to_f64(sd):
+        for n in ("classifier.weight", "classifier.bias"):
+            sd[n] = sd[n].double() + 1e-12  # below float32's resolution
+
+    f64 = _copy_ckpt(bert_ft, tmp_path / "f64", to_f64)
+    m = ingest(
+        store, "f64", f64, base_of(tiny_bert_dir, store), method="dare", p=0.9, show_progress=False
+    ).manifest
+    want = load_file(f64 / "model.safetensors")
+    for n in ("classifier.weight", "classifier.bias"):
+        e = m.extras[n]
+        assert (e.dtype, e.value_dtype) == ("float32", "float32")
+        assert torch.equal(store.load_delta(e).to_dense(), want[n].float())
+    kept = set(store.blobs.iter_keys())
+
+    def past_range(sd):
+        to_f64(sd)
+        sd["classifier.weight"][1, 2] = 1e300
+
+    bad = _copy_ckpt(bert_ft, tmp_path / "f64-big", past_range)
+    with pytest.raises(BadCheckpoint, match=r"classifier\.weight.*1 value\(s\) past float32"):
+        ingest(
+            store,
+            "big",
+            bad,
+            base_of(tiny_bert_dir, store),
+            method="dare",
+            p=0.9,
+            show_progress=False,
+        )
+    assert set(store.models()) == {"f64"} and set(store.blobs.iter_keys()) == kept
+
+
 def test_darex_q_without_q_is_refused_before_any_write(bert_ft, tiny_bert_dir, store) -> None:
     base = base_of(tiny_bert_dir, store)
     with pytest.raises(PruningError, match="darex_q needs q"):
