@@ -256,6 +256,44 @@ def test_a_client_that_leaves_stops_its_generation(tiny: Live) -> None:
     assert f'endpoint="/v1/completions",model="{tiny.base_id}",status="499"' in metrics
 
 
+@pytest.mark.parametrize(
+    ("route", "kind"), [("/v1/embeddings", "embed"), ("/v1/classify", "classify")]
+)
+def test_a_client_that_leaves_is_not_answered_on_the_encoder_routes(
+    tmp_path_factory, tiny_bert_dir: Path, route: str, kind: str
+) -> None:
+    """An embeddings or classify request whose client times out while it waits in the
+    queue is cancelled: the engine never runs it, and the metrics count a 499."""
+    from tests.server.finetunes import save_classifier_finetune
+
+    app = create_app(make_settings(tmp_path_factory.mktemp("e2e-leave"), str(tiny_bert_dir)))
+    with live_server(app) as url:
+        st = app.state.darex
+        model = st.base_id
+        if route == "/v1/classify":
+            ft = save_classifier_finetune(tiny_bert_dir, tmp_path_factory.mktemp("cls"), seed=3)
+            upload_and_wait(url, ft, model := "cls", method="dare", rate=0.5)
+        real, ran = getattr(st.engine, kind), []
+        setattr(st.engine, kind, lambda *a, **kw: (ran.append(a), real(*a, **kw))[1])
+        # the worker is busy for 1.5 s: the request is still queued when its client leaves
+        busy = concurrent.futures.ThreadPoolExecutor(1).submit(
+            st.scheduler.call_sync, lambda: time.sleep(1.5)
+        )
+        time.sleep(0.2)
+        body = {"model": model, "input": ["a fine film"] * 8}
+        with (
+            httpx.Client(base_url=url, timeout=0.3) as c,
+            pytest.raises(httpx.TimeoutException),
+        ):
+            c.post(route, json=body)
+        busy.result(timeout=30)
+        with httpx.Client(base_url=url, timeout=30) as c:  # the worker has run everything queued
+            assert c.post(route, json={**body, "input": ["next"]}).status_code == 200
+        assert ran == [(["next"],)], ran
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f'endpoint="{route}",model="{model}",status="499"' in metrics, metrics
+
+
 @pytest.mark.slow
 def test_real_encoder_base_classifies_an_uploaded_finetune(tmp_path_factory) -> None:
     """minilm-l6: a full classification fine-tune uploaded, served, equal to the engine."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from server.api.deps import SchedulerDep, StateDep, require_api_key
-from server.api.routes.common import resolve_model
+from server.api.routes.common import resolve_model, unless_client_left
 from server.api.schemas import ClassifyRequest, ClassifyResponse
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
@@ -19,5 +19,5 @@ async def classify(
     target, labels = await resolve_model(
         state, request, body.model, ("sequence-classification",), "/v1/classify"
     )
-    probs = await sched.classify(target, body.texts)
+    probs = await unless_client_left(request, sched.classify(target, body.texts))
     return ClassifyResponse.from_probs(body.model, probs, labels)

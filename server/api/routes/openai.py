@@ -269,7 +269,7 @@ async def embeddings(
     tasks = ("feature-extraction",)
     target, _ = await resolve_model(state, request, body.model, tasks, "/v1/embeddings")
     check_dimensions(state.engine, body.dimensions)
-    vecs = await sched.embed(target, body.texts)
+    vecs = await unless_client_left(request, sched.embed(target, body.texts))
     tok = state.engine.tokenizer
     n = await asyncio.to_thread(
         lambda: sum(len(tok(t, add_special_tokens=True)["input_ids"]) for t in body.texts)
