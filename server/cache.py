@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from server.deltas import ResidentDelta
+
+EVENTS_KEPT = 1024
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,9 @@ class DeltaCache:
         self.device_tier = LRUTier("device", device_bytes)
         self.host_tier = LRUTier("host", host_bytes)
         self.pinned: set[str] = set()
-        self.events: list[tuple[str, str]] = []  # (event, model_id)
+        # (event, model_id), the latest EVENTS_KEPT: a record for tests and debugging that
+        # must not grow with every swap of a long-running server
+        self.events: deque[tuple[str, str]] = deque(maxlen=EVENTS_KEPT)
         self.store_loads = 0
         self._lock = threading.RLock()
         self._inflight: dict[str, Future[ResidentDelta]] = {}

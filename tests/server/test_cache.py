@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from server.cache import DeltaCache
+from server.cache import EVENTS_KEPT, DeltaCache
 from server.deltas import ResidentDelta
 from storage.errors import UnknownModel
 
@@ -37,14 +37,28 @@ def _cache(device_entries: int, host_entries: int, ids: str = "abcdef", **kw) ->
     )
 
 
+def test_the_event_record_keeps_only_the_latest() -> None:
+    """A server swaps for as long as it runs: its record of cache events must not grow."""
+    c = _cache(1, 0, ids="ab")
+    for i in range(EVENTS_KEPT + 10):
+        c.get("ab"[i % 2])
+    assert len(c.events) == EVENTS_KEPT
+    last = "ab"[i % 2]  # each get loads one and drops the other: the latest is kept
+    assert list(c.events)[-3:] == [
+        ("store-load", last),
+        ("device-evict", "ab"[1 - i % 2]),
+        ("host-drop", "ab"[1 - i % 2]),
+    ]
+
+
 def test_lru_by_bytes_demotes_then_drops() -> None:
     c = _cache(2, 1)
     c.get("a"), c.get("b")
-    assert c.events == [("store-load", "a"), ("store-load", "b")]
+    assert list(c.events) == [("store-load", "a"), ("store-load", "b")]
     c.get("a")  # a becomes most recent: b is now the LRU
     c.get("c")  # evicts b to host
     c.get("d")  # evicts a to host, which evicts b (host holds one)
-    assert c.events[2:] == [
+    assert list(c.events)[2:] == [
         ("device-hit", "a"),
         ("store-load", "c"),
         ("device-evict", "b"),
@@ -57,7 +71,7 @@ def test_lru_by_bytes_demotes_then_drops() -> None:
     assert s["device"]["bytes"] == 2 * SIZE and s["host"]["bytes"] == SIZE
     c.events.clear()
     c.get("a")  # host hit, promoted; c (LRU) demoted
-    assert c.events == [("host-hit", "a"), ("device-evict", "c")]
+    assert list(c.events) == [("host-hit", "a"), ("device-evict", "c")]
     s = c.stats()
     assert s["device"]["entries"] == ["d", "a"] and s["host"]["entries"] == ["c"]
     assert (s["device"]["hits"], s["device"]["misses"], s["device"]["evictions"]) == (1, 5, 3)
@@ -96,7 +110,7 @@ def test_prefetch_fills_cache_and_get_waits_for_it() -> None:
     gate.set()
     c.get("a")  # waits for the prefetch, then hits the device tier
     assert fut.done() and c.loader.calls == ["a"]
-    assert c.events == [("prefetch", "a"), ("device-hit", "a")]
+    assert list(c.events) == [("prefetch", "a"), ("device-hit", "a")]
 
 
 def test_prefetch_never_pushes_device_over_budget() -> None:
@@ -108,7 +122,7 @@ def test_prefetch_never_pushes_device_over_budget() -> None:
     c.events.clear()
     c.unpin("a")
     c.get("b")
-    assert c.events == [("host-hit", "b"), ("device-evict", "a")]
+    assert list(c.events) == [("host-hit", "b"), ("device-evict", "a")]
 
 
 def test_forget_drops_every_tier() -> None:
