@@ -60,6 +60,7 @@ class BodyLimitMiddleware:
         while more:
             msg = await receive()
             if msg["type"] != "http.request":  # http.disconnect: nobody to answer
+                scope.setdefault("state", {})["client_left"] = True  # counted as 499, not 500
                 return
             chunk = msg.get("body", b"")
             size += len(chunk)

@@ -118,6 +118,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if status == 500 and scope["state"].get("client_left"):  # hung up mid-body
+                status = 499
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             if endpoint != "/metrics":

@@ -430,6 +430,29 @@ def test_a_client_gone_mid_upload_is_499_not_a_server_error(
     assert status == 499 and "closed the connection" in body["error"]["message"], body
 
 
+def test_a_client_gone_mid_json_body_is_499_not_a_server_error(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """A JSON request whose client hangs up before its body is whole is the client's doing:
+    the request count says 499, and no 500 sets off an alert."""
+    app = create_app(make_settings(tmp_path / "data", str(tiny_llama_dir)))
+    with live_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head + b'{"model": "x", ')
+            time.sleep(0.3)  # the server is reading the body
+        with httpx.Client(base_url=url) as c:
+            deadline = time.monotonic() + 30
+            while 'status="499"' not in (text := c.get("/metrics").text):
+                assert time.monotonic() < deadline, text
+                time.sleep(0.1)
+            assert 'status="500"' not in text
+
+
 def test_the_ingest_workers_log_lines_name_the_model(
     llama: TestClient, llama_ft: Path, tmp_path: Path
 ) -> None:
