@@ -68,6 +68,26 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return getattr(torch, dtype)
 
 
+def input_limit(model: nn.Module, tokenizer: Any) -> int | None:
+    """The most tokens an encoder's classify/embed input keeps (longer ones lose their end).
+
+    The tokenizer's ``model_max_length`` alone is not it: a local base may say 512 (or
+    nothing, 1e30) where the model has fewer positions, and the forward pass then fails.
+    RoBERTa-style position ids start after the padding index, which takes that many off."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    pos = getattr(
+        getattr(getattr(model, "base_model", model), "embeddings", None),
+        "position_embeddings",
+        None,
+    )
+    pad = getattr(pos, "padding_idx", None)
+    limit -= 0 if pad is None else pad + 1
+    tok = getattr(tokenizer, "model_max_length", None)
+    return min(limit, tok) if isinstance(tok, int) and tok > 0 else limit
+
+
 def flatten_parameters(model: nn.Module) -> tuple[torch.Tensor, dict[str, Slot]]:
     """Move every floating parameter into one flat buffer; parameters become views of it.
 
@@ -130,6 +150,7 @@ class Engine:
         # "Already borrowed". The shared one is then only ever called without either, the
         # state it is put in here (a tokenizer.json may configure both).
         self._batch_tokenizer = copy.deepcopy(tokenizer)
+        self.max_input_tokens = input_limit(self.model, tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             backend.no_padding()
@@ -389,7 +410,13 @@ class Engine:
 
     # ---- forward helpers -----------------------------------------------------------------
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self._batch_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        enc = self._batch_tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_input_tokens,
+            return_tensors="pt",
+        )
         return {k: v.to(self.device) for k, v in enc.items()}
 
     @torch.inference_mode()

@@ -212,6 +212,19 @@ def test_embed_is_masked_mean_of_last_hidden(bert) -> None:
     eng.restore()
 
 
+def test_a_text_longer_than_the_positions_loses_its_end(bert) -> None:
+    """The tiny base's tokenizer says 512 tokens, its model has 128 positions: a longer text
+    is cut to 128 (not a failed forward pass), so what follows changes nothing."""
+    eng, _, _ = bert
+    assert (eng.tokenizer.model_max_length, eng.model.config.max_position_embeddings) == (512, 128)
+    assert eng.max_input_tokens == 128
+    eng.activate("sst")
+    long = "word " * 300
+    assert eng.embed([long]) == eng.embed([long + "and more"])
+    assert eng.classify([long]) == eng.classify([long + "and more"])
+    eng.restore()
+
+
 @pytest.mark.parametrize(("impl", "examples", "least"), [("numba", 25, 1000), ("torch", 6, 200)])
 def test_random_swaps_restore_base_bit_exactly(lm, impl: str, examples: int, least: int) -> None:
     """Thousands of random activations: each step the buffer is exactly base + delta(active)."""
