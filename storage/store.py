@@ -155,6 +155,7 @@ class DeltaStore:
         key = self.put_manifest(manifest)
         self.bind_if_new({key, *manifest.keys()})
         old = self._registered_key(model_id) if replace else None
+        replaced = self._keys_of(old) if old is not None and old != key else set()
         with self.blobs.locked():
             for k in [key, *sorted(manifest.keys())]:
                 try:
@@ -164,10 +165,9 @@ class DeltaStore:
                         f"model {model_id!r} was not registered: its blob {k} left the store "
                         "before registration (a concurrent `darex gc`?); run the ingest again"
                     ) from e
+            self._touch_quietly(replaced)
             self.registry.set_model(model_id, key, replace=replace)
         log.info("registered %s -> %s", model_id, key, extra={"model_id": model_id})
-        if old is not None and old != key:
-            self._refresh(old)
         return key
 
     # ------------------------------------------------------------ the store's registry
@@ -288,17 +288,21 @@ class DeltaStore:
         except UnknownModel:
             return None
 
-    def _refresh(self, manifest_key: str) -> None:
-        """Refresh the mtime of a manifest that left the registry and of its blobs: gc's
-        grace period then also covers a replica still loading it. Best effort."""
+    def _keys_of(self, manifest_key: str) -> set[str]:
+        """A manifest and the blobs it references (just the manifest if it cannot be read)."""
         try:
-            keys = {manifest_key, *self.manifest_at(manifest_key).keys()}
+            return {manifest_key, *self.manifest_at(manifest_key).keys()}
         except (StorageError, KeyError, ValueError, OSError):
-            return
-        with self.blobs.locked():
-            for k in keys:
-                with contextlib.suppress(MissingBlob, OSError):
-                    self.blobs.touch(k)
+            return {manifest_key}
+
+    def _touch_quietly(self, keys: set[str]) -> None:
+        """Refresh the mtime of a manifest about to leave the registry and of its blobs, with
+        the blob lock held and before the registry changes: a gc then either still sees it
+        registered or finds it fresh, and its grace period covers a replica still loading
+        it. Best effort."""
+        for k in keys:
+            with contextlib.suppress(MissingBlob, OSError, ValueError):
+                self.blobs.touch(k)
 
     def _facts_of(self, manifest_key: str) -> tuple[str, float]:
         facts = self._facts.get(manifest_key)
@@ -340,11 +344,11 @@ class DeltaStore:
         """Unregister; its blobs go at the next ``gc`` (once past its grace period, counted
         from now) unless another manifest uses them."""
         old = self._registered_key(model_id)
-        gone = self.registry.delete_model(model_id)
+        with self.blobs.locked():
+            self._touch_quietly(self._keys_of(old) if old is not None else set())
+            gone = self.registry.delete_model(model_id)
         if gone:
             log.info("deleted %s", model_id, extra={"model_id": model_id})
-            if old is not None:
-                self._refresh(old)
         return gone
 
     # ------------------------------------------------------------ tensors

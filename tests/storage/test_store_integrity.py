@@ -112,6 +112,43 @@ def test_gc_racing_a_reupload_leaves_the_model_readable(bert_ft, tiny_bert_dir, 
     assert store.verify().ok, store.verify().problems
 
 
+@pytest.mark.parametrize("op", ["rm", "replace"])
+def test_a_gc_the_moment_a_version_leaves_the_registry_keeps_it_for_its_grace_period(
+    bert_ft, tiny_bert_dir, store, op: str
+) -> None:
+    """A version stored hours ago is removed or replaced, and another process's gc runs the
+    moment the registry changes: the version's blobs were refreshed before the change (with
+    the blob lock held), so they stay for the grace period, for a replica still loading it."""
+    base = resolve_base(str(tiny_bert_dir), store.root)
+    first = ingest(store, "ft", bert_ft, base, **OPTS)
+    old = {first.manifest_key, *first.manifest.keys()}
+    age(store, old, 7200)  # past the one-hour grace period
+    gcs: list[threading.Thread] = []
+    name = "delete_model" if op == "rm" else "set_model"
+    real = getattr(store.registry, name)
+
+    def change_then_gc(*args, **kw):
+        out = real(*args, **kw)
+        gc = threading.Thread(target=lambda: DeltaStore(store.root).gc(grace_s=3600))
+        gc.start()
+        gcs.append(gc)
+        gc.join(1.0)  # done at once unless the blob lock is still held
+        return out
+
+    setattr(store.registry, name, change_then_gc)
+    try:
+        if op == "rm":
+            assert store.delete("ft")
+        else:
+            ingest(store, "ft", bert_ft, base, replace=True, **{**OPTS, "seed": 8})
+    finally:
+        setattr(store.registry, name, real)
+    assert len(gcs) == 1
+    gcs[0].join(60)
+    assert all(store.blobs.has(k) for k in old), sorted(k for k in old if not store.blobs.has(k))
+    assert store.gc(grace_s=0).deleted >= len(old) - 1  # unreferenced: they do go later
+
+
 def test_register_refuses_a_manifest_whose_blob_vanished(bert_ft, tiny_bert_dir, store) -> None:
     """A blob removed between its write and the registration (e.g. `darex gc --grace-s 0`
     during an ingest): MissingBlob, and nothing is registered."""
