@@ -80,21 +80,36 @@ class RedisRegistry(Registry):
             "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
             "redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
         )
+        # the version grows (and replicas are told) only when the models hash changed, as
+        # in SQLite: a refused registration or a delete that found nothing changes nothing
+        self._insert = self._r.register_script(
+            "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end "
+            "return redis.call('INCR', KEYS[2])"
+        )
+        # ARGV[2]: the manifest key the id must still point at ('' for any)
+        self._delete = self._r.register_script(
+            "local cur = redis.call('HGET', KEYS[1], ARGV[1]) "
+            "if not cur or (ARGV[2] ~= '' and cur ~= ARGV[2]) then return 0 end "
+            "redis.call('HDEL', KEYS[1], ARGV[1]) "
+            "return redis.call('INCR', KEYS[2])"
+        )
 
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
     @_redis_errors
     def set_model(self, model_id: str, manifest_key: str, *, replace: bool = False) -> None:
-        pipe = self._r.pipeline(transaction=True)
         if replace:
+            pipe = self._r.pipeline(transaction=True)
             pipe.hset(self._models, model_id, manifest_key)
+            pipe.incr(self._version)
+            _, version = pipe.execute()
         else:
-            pipe.hsetnx(self._models, model_id, manifest_key)
-        pipe.incr(self._version)
-        added, version = pipe.execute()
-        if not replace and not added:
-            raise ModelExists(f"model {model_id!r} is already registered")
+            version = int(
+                self._insert(keys=[self._models, self._version], args=[model_id, manifest_key])
+            )
+            if not version:
+                raise ModelExists(f"model {model_id!r} is already registered")
         self._publish(version, model_id)
 
     def _publish(self, version: int, model_id: str) -> None:
@@ -117,13 +132,12 @@ class RedisRegistry(Registry):
         return str(key)
 
     @_redis_errors
-    def delete_model(self, model_id: str) -> bool:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hdel(self._models, model_id)
-        pipe.incr(self._version)
-        n, version = pipe.execute()
-        self._publish(version, model_id)
-        return bool(n)
+    def delete_model(self, model_id: str, *, expected: str | None = None) -> bool:
+        keys, args = [self._models, self._version], [model_id, expected or ""]
+        version = int(self._delete(keys=keys, args=args))
+        if version:
+            self._publish(version, model_id)
+        return bool(version)
 
     @_redis_errors
     def list_models(self) -> dict[str, str]:

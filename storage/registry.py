@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -90,8 +90,9 @@ class Registry(ABC):
         """The manifest key; raises ``UnknownModel``."""
 
     @abstractmethod
-    def delete_model(self, model_id: str) -> bool:
-        """True when something was deleted."""
+    def delete_model(self, model_id: str, *, expected: str | None = None) -> bool:
+        """True when something was deleted. ``expected``: delete only while the id points
+        at this manifest key (a version uploaded meanwhile by another replica stays)."""
 
     @abstractmethod
     def list_models(self) -> dict[str, str]:
@@ -221,12 +222,13 @@ class SQLiteRegistry(Registry):
         with self._lock:
             return self._db.execute(sql, args).fetchone()
 
-    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
-        """Run statements in one IMMEDIATE transaction; returns each rowcount."""
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction, committed when the block ends without an error."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                counts = [self._db.execute(sql, args).rowcount for sql, args in statements]
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 # SQLite has already rolled back after some errors (a full disk): a second
@@ -234,7 +236,11 @@ class SQLiteRegistry(Registry):
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            return counts
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Run statements in one IMMEDIATE transaction; returns each rowcount."""
+        with self._transaction() as db:
+            return [db.execute(sql, args).rowcount for sql, args in statements]
 
     @_sqlite_errors
     def set_model(self, model_id: str, manifest_key: str, *, replace: bool = False) -> None:
@@ -261,13 +267,14 @@ class SQLiteRegistry(Registry):
         return str(row[0])
 
     @_sqlite_errors
-    def delete_model(self, model_id: str) -> bool:
-        n, _ = self._write(
-            [
-                ("DELETE FROM models WHERE model_id = ?", (model_id,)),
-                ("UPDATE meta SET v = v + 1 WHERE k = 'version'", ()),
-            ]
-        )
+    def delete_model(self, model_id: str, *, expected: str | None = None) -> bool:
+        with self._transaction() as db:
+            n = db.execute(
+                "DELETE FROM models WHERE model_id = ? AND (? IS NULL OR manifest_key = ?)",
+                (model_id, expected, expected),
+            ).rowcount
+            if n:
+                db.execute("UPDATE meta SET v = v + 1 WHERE k = 'version'")
         return n > 0
 
     @_sqlite_errors

@@ -340,13 +340,14 @@ class DeltaStore:
             out[model_id] = key
         return out
 
-    def delete(self, model_id: str) -> bool:
+    def delete(self, model_id: str, *, expected: str | None = None) -> bool:
         """Unregister; its blobs go at the next ``gc`` (once past its grace period, counted
-        from now) unless another manifest uses them."""
-        old = self._registered_key(model_id)
+        from now) unless another manifest uses them. ``expected``: only while the id still
+        points at this manifest key (False, nothing deleted, otherwise)."""
+        old = expected or self._registered_key(model_id)
         with self.blobs.locked():
             self._touch_quietly(self._keys_of(old) if old is not None else set())
-            gone = self.registry.delete_model(model_id)
+            gone = self.registry.delete_model(model_id, expected=expected)
         if gone:
             log.info("deleted %s", model_id, extra={"model_id": model_id})
         return gone

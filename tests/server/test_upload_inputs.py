@@ -537,7 +537,8 @@ def test_delete_never_removes_a_version_uploaded_while_it_waited(
     llama: TestClient, llama_ft: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DELETE during a re-upload of the id is a 409 naming the job; a re-upload that lands
-    while the delete waits for the model's requests is not deleted (409, kept)."""
+    while the delete waits for the model's requests, or (from another replica) just before
+    the registry deletes, is not deleted (409, kept)."""
     r, _ = post(llama, {"model_id": "del-race", "rate": "0.9"}, multipart_files(llama_ft))
     assert wait_job(llama, r.json()["job_id"])["state"] == "done"
     reg = llama.app.state.darex.store.registry
@@ -571,6 +572,19 @@ def test_delete_never_removes_a_version_uploaded_while_it_waited(
     assert d.status_code == 409, d.text
     assert d.json()["error"]["code"] == "model_exists" and "was replaced" in d.text
     assert reg.get_model("del-race") == first_key
+    monkeypatch.undo()
+    # another replica replaces it after this delete's last look: the registry compares and
+    # deletes in one step, so the new version stays
+    real_delete = reg.delete_model
+
+    def replaced_first(model_id: str, *, expected: str | None = None) -> bool:
+        reg.set_model(model_id, new_key, replace=True)
+        return real_delete(model_id, expected=expected)
+
+    monkeypatch.setattr(reg, "delete_model", replaced_first)
+    d = llama.delete("/admin/models/del-race", headers=AUTH)
+    assert d.status_code == 409 and "was replaced" in d.text, d.text
+    assert reg.get_model("del-race") == new_key
     monkeypatch.undo()
     assert llama.delete("/admin/models/del-race", headers=AUTH).status_code == 200
 

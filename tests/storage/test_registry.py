@@ -48,6 +48,21 @@ def test_version_grows_on_every_model_change_and_is_shared(registry_url: str) ->
         assert b.list_models() == {}
 
 
+def test_a_write_that_changes_nothing_leaves_the_version_alone(registry_url: str) -> None:
+    """A refused registration, a delete of an id nobody registered and a delete whose
+    expected key no longer matches change no model, so replicas have nothing to reload."""
+    with open_registry(registry_url) as reg:
+        reg.set_model("m", KEY_A)
+        v = reg.version()
+        with pytest.raises(ModelExists):
+            reg.set_model("m", KEY_B)
+        assert reg.delete_model("nobody") is False
+        assert reg.delete_model("m", expected=KEY_B) is False  # another version than seen
+        assert (reg.version(), reg.get_model("m")) == (v, KEY_A)
+        assert reg.delete_model("m", expected=KEY_A) is True
+        assert reg.version() > v and reg.list_models() == {}
+
+
 def test_jobs_lifecycle(registry_url: str) -> None:
     with open_registry(registry_url) as reg:
         job = reg.create_job("sst2", message="uploaded")

@@ -428,18 +428,19 @@ async def delete_model(model_id: str, state: StateDep, store: StoreDep) -> Delet
     key = await asyncio.to_thread(store.registry.get_model, model_id)
 
     def unregister() -> None:
-        """Delete the version this request saw, not one uploaded while it waited."""
+        """Delete the version this request saw, not one uploaded while it waited (here or
+        on another replica: the registry compares and deletes in one step)."""
+        if store.delete(model_id, expected=key):
+            return
         try:
-            now = store.registry.get_model(model_id)
+            store.registry.get_model(model_id)
         except UnknownModel:
             return  # deleted meanwhile by another request: done
-        if now != key:
-            raise ModelExists(
-                f"model {model_id!r} was replaced by another upload while this delete "
-                "waited for its requests; nothing was deleted (delete it again to remove "
-                "the new version)"
-            )
-        store.delete(model_id)
+        raise ModelExists(
+            f"model {model_id!r} was replaced by another upload while this delete "
+            "waited for its requests; nothing was deleted (delete it again to remove "
+            "the new version)"
+        )
 
     if state.scheduler is not None:
         await state.scheduler.retire(model_id, then=unregister)
