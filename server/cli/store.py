@@ -366,6 +366,12 @@ def verify() -> None:
         raise _fail(e) from None
     for p in r.problems:
         console.print(f"[red]problem:[/red] {p}", soft_wrap=True)
+    for key in r.unreferenced_corrupt:
+        console.print(
+            f"[yellow]note:[/yellow] unreferenced blob {key} is corrupt (no model uses it; "
+            "`darex gc` removes it)",
+            soft_wrap=True,
+        )
     console.print(f"verify: {r.models} model(s), {r.blobs} blob(s), {len(r.problems)} problem(s)")
     if not r.ok:
         raise typer.Exit(1)

@@ -165,27 +165,37 @@ def test_register_refuses_a_manifest_whose_blob_vanished(bert_ft, tiny_bert_dir,
     readable(store, "ft")
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "flip-manifest"])
 def test_reingest_repairs_a_damaged_blob(bert_ft, tiny_bert_dir, store, damage: str) -> None:
+    """A damaged delta or manifest blob is one verify problem; uploading the fine-tune again
+    repairs it and verify passes. A corrupt manifest stays behind unreferenced (the new one
+    differs by its time): verify notes it without failing, and gc removes it."""
     base = resolve_base(str(tiny_bert_dir), store.root)
-    m = ingest(store, "ft", bert_ft, base, **OPTS).manifest
+    first = ingest(store, "ft", bert_ft, base, **OPTS)
+    m = first.manifest
     entry = max(m.deltas.values(), key=lambda e: e.nbytes)
-    path = store.blobs.path(entry.key)
+    key = first.manifest_key if damage == "flip-manifest" else entry.key
+    path = store.blobs.path(key)
     raw = bytearray(path.read_bytes())
-    if damage == "flip":
+    if damage.startswith("flip"):
         raw[len(raw) // 2] ^= 0x40
         path.write_bytes(bytes(raw))
     elif damage == "truncate":
         path.write_bytes(bytes(raw[:-5]))
     else:
         path.unlink()
-    assert not store.verify().ok
+    before = store.verify()
+    assert len(before.problems) == 1 and key in before.problems[0], before.problems
     ingest(store, "ft", bert_ft, base, replace=True, **OPTS)
     assert store.manifest("ft").deltas.keys() == m.deltas.keys()
     report = store.verify()
     assert report.ok, report.problems
+    left = [first.manifest_key] if damage == "flip-manifest" else []
+    assert report.unreferenced_corrupt == left
     readable(store, "ft")
     assert not any(store.blobs.tmp.iterdir())
+    store.gc(grace_s=0)
+    assert store.verify().unreferenced_corrupt == []
 
 
 def test_put_rewrites_a_stored_blob_that_no_longer_matches(tmp_path: Path) -> None:
