@@ -445,7 +445,7 @@ def ingest(
                 shape=tuple(d.shape),
                 dtype=dtype,
                 encoding=enc,
-                value_dtype=value_dtype,
+                value_dtype=h["value_dtype"],  # float32 where the values overflow float16
                 nnz=h["nnz"],
                 nbytes=len(blob),
                 pruned=True,
@@ -460,7 +460,7 @@ def ingest(
                     shape=tuple(d.shape),
                     dtype=dtype,
                     encoding=h["encoding"],
-                    value_dtype=exact_dtype,
+                    value_dtype=h["value_dtype"],
                     nnz=h["nnz"],
                     nbytes=len(blob),
                     pruned=False,

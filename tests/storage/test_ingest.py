@@ -268,6 +268,30 @@ def test_a_float64_head_is_stored_as_float32_and_one_past_its_range_is_refused(
     assert set(store.models()) == {"f64"} and set(store.blobs.iter_keys()) == kept
 
 
+def test_the_manifest_names_the_value_dtype_a_blob_holds(
+    bert_ft, tiny_bert_dir, store, tmp_path
+) -> None:
+    """DARE at p = 0.999 scales by 1e3: a delta of 70 becomes 70,000, past float16, and its
+    blob keeps float32 values; the manifest says so, not the float16 that was asked for."""
+    name = "bert.encoder.layer.0.output.dense.weight"
+    big = _copy_ckpt(bert_ft, tmp_path / "big", lambda sd: sd[name].add_(70.0))
+    m = ingest(
+        store,
+        "big",
+        big,
+        base_of(tiny_bert_dir, store),
+        method="dare",
+        p=0.999,
+        seed=1,
+        show_progress=False,
+    ).manifest
+    entry = m.deltas[name.removeprefix("bert.")]
+    assert entry.nnz > 0 and entry.value_dtype == "float32"
+    assert store.load_delta(entry).values.dtype == torch.float32
+    small = m.deltas["encoder.layer.1.output.dense.weight"]
+    assert small.value_dtype == "float16" and store.load_delta(small).values.dtype == torch.float16
+
+
 def test_darex_q_without_q_is_refused_before_any_write(bert_ft, tiny_bert_dir, store) -> None:
     base = base_of(tiny_bert_dir, store)
     with pytest.raises(PruningError, match="darex_q needs q"):
