@@ -4,6 +4,7 @@ Per step t, for every parameter W with reference W0:
 
     m <- b1 m + (1-b1) g ;  v <- b2 v + (1-b2) g^2
     vbar = mean over all elements of all parameters of v / (1 - b2^t)
+           (every parameter with a gradient, those of reg = 0 groups too; no pull at 0)
     W <- W - lr * reg * (W - W0) / (sqrt(vbar) + eps)        (norm="l2")
     W <- W - lr * reg * sign(W - W0) / (sqrt(vbar) + eps)    (norm="l1")
     W <- W - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)   (the Adam step)
@@ -68,6 +69,9 @@ class AdamR(Optimizer):
                 loss = closure()
         live = []  # (param, group, state) with a gradient this step
         v_sum, v_count = None, 0
+        # vbar is the mean over every parameter with a gradient, the reg = 0 ones too (a new
+        # classification head): only needed when some group is pulled
+        pulled = any(g["reg"] > 0 for g in self.param_groups)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -85,7 +89,7 @@ class AdamR(Optimizer):
                 st["exp_avg"].lerp_(g, 1 - b1)
                 st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
                 live.append((p, group, st))
-                if group["reg"] > 0:
+                if pulled:
                     bc2 = 1 - b2 ** st["step"].item()
                     s = st["exp_avg_sq"].sum(dtype=torch.float64).to("cpu") / bc2
                     v_sum = s if v_sum is None else v_sum + s
@@ -94,7 +98,9 @@ class AdamR(Optimizer):
         for p, group, st in live:
             lr, eps, reg = group["lr"], group["eps"], group["reg"]
             b1, b2 = group["betas"]
-            if reg > 0:
+            # vbar = 0 (no gradient has ever been nonzero) has no scale to normalise by: no
+            # pull, where lr*reg/eps would send an L1 step far past the reference
+            if reg > 0 and vbar > 0:
                 ref = st["reference"]
                 if ref.device != p.device:  # the model moved after the optimizer was built
                     ref = st["reference"] = ref.to(p.device)

@@ -57,6 +57,34 @@ def test_reg_shrinks_the_delta_norm(norm: str) -> None:
     assert norms[0.05] < 0.8 * norms[0.0], norms
 
 
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_vbar_is_the_mean_over_every_parameter_with_a_gradient(norm: str) -> None:
+    """One step by hand: a pulled group with small gradients and a reg = 0 group (a new
+    head) with large ones; vbar is the mean of v_hat over both, as PAPER.md has it."""
+    pulled, head = torch.nn.Parameter(torch.ones(1000)), torch.nn.Parameter(torch.zeros(10))
+    lr, reg, b2 = 0.1, 0.5, 0.999
+    opt = AdamR(
+        [{"params": [pulled], "reg": reg}, {"params": [head], "reg": 0.0}], lr=lr, norm=norm
+    )
+    opt.state[pulled]["reference"] = torch.zeros(1000)  # a delta of 1 everywhere
+    pulled.grad, head.grad = torch.full((1000,), 1e-3), torch.full((10,), 10.0)
+    opt.step()
+    v_hat = torch.cat([pulled.grad**2, head.grad**2]).double() * (1 - b2) / (1 - b2)
+    rate = lr * reg / (float(v_hat.mean()) ** 0.5 + 1e-8)  # 0.05 / 0.995: well below 1
+    adam = lr  # the first Adam step is lr * sign(g)
+    torch.testing.assert_close(pulled.detach(), torch.full((1000,), 1 - rate - adam))
+
+
+def test_no_pull_while_every_gradient_has_been_zero() -> None:
+    """vbar = 0 gives no scale: lr*reg/eps would send an L1 step 2e-5*0.1/1e-8 = 200 past
+    the reference; instead nothing moves."""
+    w = torch.nn.Parameter(torch.full((4,), 1e-3))
+    opt = AdamR([w], lr=2e-5, reg=0.1, norm="l1", reference=[torch.zeros(4)])
+    w.grad = torch.zeros(4)
+    opt.step()
+    assert torch.equal(w.detach(), torch.full((4,), 1e-3))
+
+
 def test_explicit_reference_pulls_toward_it() -> None:
     net, x, y = _problem()
     target = [torch.zeros_like(p) for p in net.parameters()]
