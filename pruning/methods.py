@@ -59,14 +59,21 @@ def check_seed(seed: int, name: str) -> int:
         raise PruningError(f"tensor {name!r}: seed must be an integer, got {seed!r}") from None
 
 
+# The smallest rescale q: DARE's own at the highest rate (1 - MAX_RATE). A smaller one
+# scales the kept entries by over a million, and 1/q itself overflows float32 below 3e-39.
+MIN_Q = 1e-6
+
+
 def q_problem(q: float) -> str | None:
-    """What is wrong with a rescale q, or None when it is a finite number > 0: the one
-    wording of this check for the library, ``darex add --q`` and the HTTP upload."""
-    return None if 0.0 < q < math.inf else f"the rescale q must be a finite number > 0, got {q}"
+    """What is wrong with a rescale q, or None when it is a finite number >= ``MIN_Q``: the
+    one wording of this check for the library, ``darex add --q`` and the HTTP upload."""
+    if MIN_Q <= q < math.inf:
+        return None
+    return f"the rescale q must be a finite number >= {MIN_Q:g} (1 - the highest rate), got {q}"
 
 
 def check_q(q: float, name: str) -> float:
-    """Return ``q`` as float, or raise ``PruningError`` unless 0 < q and finite."""
+    """Return ``q`` as float, or raise ``PruningError`` unless ``MIN_Q <= q`` and finite."""
     try:
         q = float(q)
     except (TypeError, ValueError) as e:
@@ -100,12 +107,17 @@ def keep_count(numel: int, p: float) -> int:
     return min(numel, max(0, round((1.0 - p) * numel)))
 
 
-def _gather(d: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+def _gather(d: torch.Tensor, idx: torch.Tensor, scale: float, name: str) -> torch.Tensor:
     # Rescale in fp32 (fp16 * 100 would lose bits), cast back to d's dtype.
     vals = d.reshape(-1)[idx]
     if scale == 1.0:
         return vals.clone()
     out = vals.float() * scale
+    if not all_finite(out):  # a q so small that 1/q overflows float32 on some value
+        raise PruningError(
+            f"tensor {name!r}: rescaling by 1/q = {scale:.3g} overflows float32 "
+            f"(largest kept |delta| {float(vals.abs().max()):.3g}); the q is too small"
+        )
     low = out.to(d.dtype)  # past d's range (fp16 beyond 65504): kept in fp32, never inf
     return low if d.dtype == torch.float32 or bool(torch.isfinite(low).all()) else out
 
@@ -133,7 +145,7 @@ def darex_q(d: torch.Tensor, p: float, q: float, *, seed: int, name: str) -> Spa
     check_delta(d, name)
     idx = dare_indices(seed, name, p, d.numel(), d.device)
     scale = 1.0 / q
-    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, seed, name)
+    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale, name), p, scale, seed, name)
 
 
 def dare_indices(
@@ -197,7 +209,7 @@ def magnitude(d: torch.Tensor, p: float, q: float | None = None, *, name: str = 
         lambda a, b: flat[a:b].abs().float(),
         lambda i: flat[i].abs().float(),
     ).to(d.device)
-    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, None)
+    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale, name), p, scale, None)
 
 
 def wanda(
@@ -265,7 +277,7 @@ def wanda(
             idx = torch.sort(idx).values
     else:
         raise PruningError(f"tensor {name!r}: wanda per must be 'row' or 'tensor', got {per!r}")
-    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, None)
+    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale, name), p, scale, None)
 
 
 def structural(
@@ -299,7 +311,7 @@ def structural(
         r = torch.arange(rows, device=d.device)
         c = dare_indices(seed, f"{name}#col", p, cols, d.device)  # kept columns
     idx = (r[:, None] * cols + c[None, :]).reshape(-1)  # sorted: row-major over kept lines
-    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale), p, scale, None)
+    return SparseDelta(tuple(d.shape), idx, _gather(d, idx, scale, name), p, scale, None)
 
 
 def _empty(d: torch.Tensor, p: float, scale: float) -> SparseDelta:

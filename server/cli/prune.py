@@ -148,16 +148,18 @@ def _check_rate(rate: float) -> float:
 
 
 def _parse_q(q: str | None) -> float | str | None:
-    """None, a mode of ``_Q_MODES`` or a finite number > 0."""
+    """None, a mode of ``_Q_MODES`` or a finite number >= ``MIN_Q``."""
     if q is None or q in _Q_MODES:
         return q
     try:
         value = float(q)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    from pruning.methods import MIN_Q
+
+    if not (math.isfinite(value) and value >= MIN_Q):
         raise typer.BadParameter(
-            f"--q must be a number > 0 or one of {', '.join(_Q_MODES)}; got {q!r}"
+            f"--q must be a number >= {MIN_Q:g} or one of {', '.join(_Q_MODES)}; got {q!r}"
         )
     return value
 

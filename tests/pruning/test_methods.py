@@ -250,8 +250,12 @@ def test_bad_inputs_give_clear_errors() -> None:
     d[1, 2] = float("nan")
     with pytest.raises(NonFiniteDelta, match=re.escape("mlp.up.weight")):
         dare(d, 0.5, seed=0, name="mlp.up.weight")
-    with pytest.raises(PruningError, match=r"q must be .*> 0"):
-        darex_q(_delta((4, 4)), 0.5, 0.0, seed=0, name="w")
+    for q in (0.0, 1e-9):
+        with pytest.raises(PruningError, match=r"q must be a finite number >= 1e-06"):
+            darex_q(_delta((4, 4)), 0.5, q, seed=0, name="w")
+    # a q the check takes, on a delta whose kept values 1/q scales past float32: named
+    with pytest.raises(PruningError, match=r"'w': rescaling by 1/q = 1e\+06 overflows float32"):
+        darex_q(torch.full((4, 4), 1e33), 0.5, 1e-6, seed=0, name="w")
     with pytest.raises(PruningError, match="darex_q needs q"):
         prune_tensor("darex_q", _delta((4, 4)), 0.5, name="w")
     with pytest.raises(PruningError, match="unknown method"):

@@ -247,10 +247,23 @@ def test_pickle_and_bad_fields_are_422(llama: TestClient, llama_ft: Path) -> Non
         ({"method": "dare", "q": "0.02"}, "only method darex_q"),
         ({"q": "0.02"}, "only method darex_q"),
         # the same range as `darex add --q` and the pruning library: any finite q > 0
-        ({"method": "darex_q", "q": "0"}, "finite number > 0, got 0.0"),
-        ({"method": "darex_q", "q": "-0.5"}, "finite number > 0, got -0.5"),
-        ({"method": "darex_q", "q": "inf"}, "finite number > 0, got inf"),
-        ({"method": "darex_q", "q": "nan"}, "finite number > 0, got nan"),
+        ({"method": "darex_q", "q": "0"}, "finite number >= 1e-06 (1 - the highest rate), got 0.0"),
+        (
+            {"method": "darex_q", "q": "1e-9"},
+            "finite number >= 1e-06 (1 - the highest rate), got 1e-09",
+        ),
+        (
+            {"method": "darex_q", "q": "-0.5"},
+            "finite number >= 1e-06 (1 - the highest rate), got -0.5",
+        ),
+        (
+            {"method": "darex_q", "q": "inf"},
+            "finite number >= 1e-06 (1 - the highest rate), got inf",
+        ),
+        (
+            {"method": "darex_q", "q": "nan"},
+            "finite number >= 1e-06 (1 - the highest rate), got nan",
+        ),
     ):
         r = llama.post("/admin/models", headers=AUTH, data={"model_id": "x", **data}, files=files)
         assert assert_error(r, 422, match)["param"] == "q"

@@ -94,9 +94,10 @@ def test_gc_refuses_a_negative_or_nan_grace(env: Path, ft: Path, grace: str) -> 
     ("args", "option", "says"),
     [
         (["--method", "foo"], "--method", "'foo' is not one of dare, darex_q"),
-        (["--q", "0"], "--q", "> 0"),
-        (["--q", "-1"], "--q", "> 0"),
-        (["--q", "nan"], "--q", "> 0"),
+        (["--q", "0"], "--q", ">= 1e-06"),
+        (["--q", "1e-9"], "--q", ">= 1e-06"),
+        (["--q", "-1"], "--q", ">= 1e-06"),
+        (["--q", "nan"], "--q", ">= 1e-06"),
         (["--values", "int4"], "--values", "'int4' is not one of float16"),
         (["--encoding", "foo"], "--encoding", "'foo' is not one of auto, seed"),
         (["--method", "dare", "--q", "0.5"], "--q", "use --method darex_q"),

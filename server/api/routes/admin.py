@@ -314,8 +314,8 @@ async def upload_model(request: Request, state: StateDep, settings: SettingsDep,
         if method == "darex_q" and q is None and calib is None and val is None:
             raise InvalidRequest(
                 "q: required with method darex_q unless val examples or calib texts are sent "
-                "to search it on (a finite number > 0, e.g. the one `darex prune --q outchange` "
-                "prints)",
+                "to search it on (a finite number >= 1e-06, e.g. the one "
+                "`darex prune --q outchange` prints)",
                 field="q",
             )
         if method == "wanda" and calib is None:
