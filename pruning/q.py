@@ -203,6 +203,10 @@ def phi(p: float) -> float:
     return (1.0 - 2.0 * p) / math.log((1.0 - p) / p)
 
 
+# one float16 step at log(2/0.05) = 3.69, relative: 2^-9 / 3.69 (see analytical_q)
+ANALYTICAL_RTOL = 2.0**-9 / math.log(2 / 0.05)
+
+
 @torch.no_grad()
 def analytical_q(
     d: torch.Tensor,
@@ -214,20 +218,30 @@ def analytical_q(
     q_max: float = 0.998,
     step: float = 0.001,
     stop_frac: float = 0.8,
+    rtol: float = ANALYTICAL_RTOL,
     name: str = "?",
 ) -> float:
     """The paper's per-layer q: row-wise scan of the bound, layer q = mean of row q's.
 
     For row i, ``c_ij = d_ij * xbar_j`` (bias delta as an extra column with x = 1) and
     ``f_i(q) = |eta (1-(1-p)/q) S_i + eta^2 Phi(p) Q_i / (4 q^2) + log(2/0.05)|``.
-    q runs from 1-p to ``q_max`` in steps of ``step``; a row stops at its first
-    non-improving step, and the scan ends once ``stop_frac`` of the rows stopped.
-    Returns a q in [1-p, 1); p = 0 returns 1.0 (nothing is pruned).
+    q runs from 1-p to ``q_max`` in steps of ``step``; a row stops at its first step
+    that does not lower ``f_i`` by more than ``rtol`` of it, and the scan ends once
+    ``stop_frac`` of the rows stopped. Returns a q in [1-p, 1); p = 0 returns 1.0
+    (nothing is pruned).
+
+    ``rtol``: the reference code scans in float16, where a change under about one step
+    of float16 at f's typical size (log 40 = 3.69, steps of 2^-9) is a tie, and a tie
+    stops the row. In exact arithmetic (``rtol = 0``) a row with ``S_i < 0`` improves by
+    ever smaller amounts at every step, so it never stops: half the rows of a real
+    delta run to ``q_max`` and the layer q lands near 0.5 whatever p is.
     """
     p = check_rate(p, name)
     for key, value in (("eta", eta), ("step", step), ("q_max", q_max), ("stop_frac", stop_frac)):
         if not 0 < value < math.inf:  # NaN fails too
             raise PruningError(f"tensor {name!r}: analytical q needs {key} > 0, got {value}")
+    if not 0 <= rtol < 1:
+        raise PruningError(f"tensor {name!r}: analytical q needs 0 <= rtol < 1, got {rtol}")
     if p == 0.0:
         return 1.0
     if bias_delta is not None and tuple(bias_delta.shape) != tuple(d.shape[:1]):
@@ -260,7 +274,7 @@ def analytical_q(
     for i in range(1, n_steps + 1):
         q = lo + i * step
         v = f(q)
-        improved = active & (v < best)
+        improved = active & (v < best * (1.0 - rtol))
         best = torch.where(improved, v, best)
         best_q = torch.where(improved, torch.full_like(best_q, q), best_q)
         active &= improved

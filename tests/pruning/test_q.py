@@ -108,6 +108,25 @@ def test_analytical_q_moves_above_dare_for_large_negative_sums() -> None:
     assert analytical_q(d, torch.ones(64), 0.0) == 1.0
 
 
+def test_analytical_q_stops_rows_whose_gain_is_below_float16_resolution() -> None:
+    """Deltas of a real fine-tune's size (|S_i| ~ 0.05, half of them negative): in exact
+    arithmetic each row with S_i < 0 improves by ever smaller amounts at every step and
+    runs to q_max, so the layer q ends past 0.5 at any p; with the default tolerance (a
+    float16 step at f ~ 3.69, the resolution the reference code scans at) rows stop
+    where the gain vanishes, and q stays a small multiple of 1-p, growing with eta."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(384, 384, generator=g) * 5e-3
+    xbar = torch.rand(384, generator=g)
+    for p, most in ((0.9, 0.11), (0.99, 0.05)):
+        exact = analytical_q(d, xbar, p, 0.45, rtol=0.0)
+        q = analytical_q(d, xbar, p, 0.45)
+        assert exact > 0.5, exact
+        assert 1 - p <= q < most, q
+    assert analytical_q(d, xbar, 0.99, 0.45) < analytical_q(d, xbar, 0.99, 10.0) < 0.3
+    with pytest.raises(PruningError, match="rtol"):
+        analytical_q(d, xbar, 0.99, rtol=1.0)
+
+
 def test_output_change_helpers() -> None:
     ref = torch.zeros(2, 3, 4)
     out = torch.ones(2, 3, 4)
