@@ -9,10 +9,11 @@ that tuning picks is then scored on the test split, next to DARE. It also prints
 sums ``S_i = sum_j d_ij xbar_j`` the rule is built on (median |S_i|, share below zero):
 the objective ``|eta (1-(1-p)/q) S_i + eta^2 Phi(p) Q_i / (4 q^2) + log(2/0.05)|`` has the
 constant 3.69 inside the absolute value, so a row with S_i < 0 keeps improving as q grows
-unless eta |S_i| comes near 3.69.
+(by less and less: ``pruning.q.analytical_q`` stops a row once a step gains less than a
+float16 step at 3.69, as the reference code's float16 scan does).
 
-    python bench/analytical_eta.py --work /tmp/full-work \\
-        --setting rt-sentiment/adam-large/0.99 --setting rt-subjectivity/adam-large/0.999
+    python bench/analytical_eta.py --work bench/out/work --work /tmp/other-work \\
+        --setting rt-subjectivity/adam-large/0.99 --setting rt-subjectivity/adam-large/0.999
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ def row_sums(st: rp.Setting) -> list[float]:
     return out
 
 
-def sweep(work: Path, base_name: str, task: str, spec: str, p: float, etas) -> None:
+def sweep(works: list[Path], base_name: str, task: str, spec: str, p: float, etas) -> None:
     base = resolve_base(base_name, get_settings().data_dir)
     t = load_task(task)
-    ft = rp.finetune_dir(work / "full", base, t, spec)
-    if not ft.is_dir():
+    found = [rp.finetune_dir(w / "full", base, t, spec) for w in works]
+    ft = next((f for f in found if f.is_dir()), None)
+    if ft is None:
         raise SystemExit(
-            f"{ft}: no such fine-tune; run darex reproduce --only {task} --part {spec}"
+            f"{', '.join(map(str, found))}: no such fine-tune; run darex reproduce --only "
+            f"{task} --part {spec}"
         )
     st = rp.open_setting(base, ft, t, spec, rp.grid_budget(rp.slug(base.name), task))
     rp._calibrate(st)
@@ -89,7 +92,13 @@ def sweep(work: Path, base_name: str, task: str, spec: str, p: float, etas) -> N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("bench/out/work"))
+    ap.add_argument(
+        "--work",
+        type=Path,
+        action="append",
+        help="a darex reproduce --work folder; repeat it for fine-tunes kept in several "
+        "(the first that holds a setting's is used; default bench/out/work)",
+    )
     ap.add_argument("--base", default="minilm-l6")
     ap.add_argument(
         "--setting",
@@ -104,7 +113,7 @@ def main() -> None:
     print("# DAREx-q's per-layer analytical q against eta (seed-0 DARE mask)")
     for item in a.setting:
         task, spec, p = item.split("/")
-        sweep(a.work, a.base, task, spec, float(p), etas)
+        sweep(a.work or [Path("bench/out/work")], a.base, task, spec, float(p), etas)
 
 
 if __name__ == "__main__":
