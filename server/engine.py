@@ -388,6 +388,11 @@ class Engine:
         info = self._model_info(target)
         return info.task, info.labels
 
+    @property
+    def active_labels(self) -> list[str] | None:
+        """The label names of the fine-tune whose head is applied now (None: the base)."""
+        return self._cur.labels if self._cur is not None else None
+
     def task_of(self, model_id: str | None) -> str:
         return self.describe(model_id)[0]
 

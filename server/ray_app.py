@@ -133,8 +133,8 @@ class Runtime:
         created = int(time.time())
         if kind in ("classify", "embeddings"):
             req = _validate(ClassifyRequest if kind == "classify" else EmbeddingRequest, body)
-            # the task check and the label names of ``resolve_model``, in one hop
-            task, labels = await asyncio.to_thread(self.engine.describe, target)
+            # the task check of ``resolve_model``, in one hop (labels come with the probabilities)
+            task, _ = await asyncio.to_thread(self.engine.describe, target)
             want = "sequence-classification" if kind == "classify" else "feature-extraction"
             check_task(model, task, (want,), f"/v1/{kind}")
             if kind == "embeddings":
@@ -142,7 +142,7 @@ class Runtime:
                 vecs = await self.scheduler.embed(target, req.texts)
                 n = sum(len(self.engine.tokenizer(t)["input_ids"]) for t in req.texts)
                 return EmbeddingResponse.build(model, vecs, n, req).model_dump()
-            probs = await self.scheduler.classify(target, req.texts)
+            probs, labels = await self.scheduler.classify(target, req.texts)
             return ClassifyResponse.from_probs(model, probs, labels).model_dump()
         # the schemas, limits and refusals of ``darex serve``'s routes (one prompt here)
         req = _validate(ChatRequest if kind == "chat" else CompletionRequest, body)

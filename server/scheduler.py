@@ -199,8 +199,12 @@ class Scheduler:
                 return Chunk("".join(parts), c.finish_reason, c.prompt_tokens, c.completion_tokens)
         raise AssertionError("stream ended without finish_reason")
 
-    async def classify(self, model_id: str | None, texts: list[str]) -> list[list[float]]:
-        """Class probabilities per text under the model's head."""
+    async def classify(
+        self, model_id: str | None, texts: list[str]
+    ) -> tuple[list[list[float]], list[str] | None]:
+        """Class probabilities per text under the model's head, and that head's label names
+        (read where it ran: a replacement that landed while the request waited brings its
+        own labels with its own head)."""
         return await self._one(model_id, "classify", texts)
 
     async def embed(self, model_id: str | None, texts: list[str]) -> list[list[float]]:
@@ -467,7 +471,13 @@ class Scheduler:
 
     def _forward(self, kind: Kind, batch: list[Request]) -> None:
         texts = [t for r in batch for t in r.payload]  # one forward for the whole batch
-        fn = self.engine.classify if kind == "classify" else self.engine.embed
+        eng = self.engine
+        fn = eng.classify if kind == "classify" else eng.embed
+
+        def answer(rows: list[list[float]]) -> Any:
+            # a batch is one model's: classify rows go with the labels of the head that ran
+            return (rows, eng.active_labels) if kind == "classify" else rows
+
         try:
             out = fn(texts)
         except Exception:
@@ -478,13 +488,13 @@ class Scheduler:
                 if r.cancelled:
                     continue
                 try:
-                    r.sink.put(fn(list(r.payload)))
+                    r.sink.put(answer(fn(list(r.payload))))
                 except Exception as e:
                     self._fail_one(r, e)
             return
         i = 0
         for r in batch:
-            r.sink.put(out[i : i + len(r.payload)])
+            r.sink.put(answer(out[i : i + len(r.payload)]))
             i += len(r.payload)
 
     def _fail_one(self, req: Request, exc: BaseException) -> None:

@@ -310,6 +310,12 @@ def test_classification_batches_match_merged_models(bert_engine, tiny_bert_dir, 
         out = asyncio.run(main())
     finally:
         s.close()
+    labels = {m: bert_engine.labels_of(m) for m in ("cls-a", "cls-b")}
+    assert labels["cls-a"] and labels["cls-b"]
+    assert all(
+        out[2 * i + m_i][1] == labels[m] for i in range(len(texts)) for m_i, m in enumerate(labels)
+    )
+    out = [rows for rows, _ in out]
     for m_i, m in enumerate(("cls-a", "cls-b")):
         expect = merged_classify(tiny_bert_dir, bert_deltas[m], texts)
         got = [out[2 * i + m_i][0] for i in range(len(texts))]

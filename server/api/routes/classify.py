@@ -16,8 +16,9 @@ async def classify(
     body: ClassifyRequest, request: Request, state: StateDep, sched: SchedulerDep
 ) -> ClassifyResponse:
     """``scores[label] = softmax(head(pooled))[label]``; ``label`` is the argmax."""
-    target, labels = await resolve_model(
+    target, _ = await resolve_model(
         state, request, body.model, ("sequence-classification",), "/v1/classify"
     )
-    probs = await unless_client_left(request, sched.classify(target, body.texts))
+    # the labels of the head that ran, not those read before the request waited
+    probs, labels = await unless_client_left(request, sched.classify(target, body.texts))
     return ClassifyResponse.from_probs(body.model, probs, labels)

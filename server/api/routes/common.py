@@ -31,8 +31,9 @@ async def resolve_model(
 ) -> tuple[str | None, list[str] | None]:
     """``(scheduler key, label names)`` of a request's model; 404 unknown, 422 wrong task.
 
-    Its info may need the registry: read off the event loop, in one hop, before the batch
-    (so the labels are the ones of the model that runs it).
+    Its info may need the registry: read off the event loop, in one hop, before the batch.
+    /v1/classify answers with the labels the scheduler returns with the probabilities (a
+    replacement may land while the request waits), not these.
     """
     model_id_var.set(model)
     if state.engine is None:
