@@ -151,6 +151,10 @@ class BlobStore:
         try:
             if dst.stat().st_size == len(data) and dst.read_bytes() == data:
                 os.utime(dst)  # an in-flight ingest uses it: keep it out of gc's grace window
+                # its writer may have been killed before it synced the folders: a model
+                # registered on it must not lose it to a power loss
+                fsync_dir(dst.parent)
+                fsync_dir(self.objects)
                 return True
         except FileNotFoundError:
             return False
