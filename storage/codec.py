@@ -380,8 +380,15 @@ def _decode(
         if im.get("dtype") not in _GAP_DTYPES:
             raise UnsupportedFormat(f"unknown index dtype {im.get('dtype')!r}")
         gaps = _unpack(secs[0], im, np.dtype(im["dtype"]), nnz)
+        # every gap of a valid blob is below numel; a larger uint64 one would wrap the sum
+        if nnz and int(gaps.max()) >= numel:
+            raise CorruptBlob(f"{h['name']}: an index gap of {int(gaps.max())} is past {numel}")
         indices = torch.from_numpy(np.cumsum(gaps, dtype=np.int64))
-        if nnz and (int(indices[-1]) >= numel or bool((torch.from_numpy(gaps[1:]) == 0).any())):
+        if nnz and (
+            int(indices[-1]) >= numel
+            or bool((torch.from_numpy(gaps[1:]) == 0).any())
+            or bool((indices[1:] <= indices[:-1]).any())  # a sum past 2^63 wrapped
+        ):
             raise CorruptBlob(f"{h['name']}: indices not strictly increasing within {numel}")
         vsecs = secs[1:]
     elif enc == "dense":

@@ -212,6 +212,25 @@ def test_zip_bomb_is_bounded_by_the_header() -> None:
         decode(_rewrite_header(blob, nnz=10**12))
 
 
+def test_index_gaps_that_wrap_the_sum_are_corrupt() -> None:
+    """uint64 gaps whose int64 sum wraps (5, then 2^64 - 3: indices 5, 2) or that overshoot
+    the tensor are refused, not decoded to indices out of order or negative."""
+    import numpy as np
+
+    h = {"encoding": "explicit", "shape": [10], "numel": 10, "nnz": 2, "name": "w"}
+    idx = torch.tensor([5, 7])
+    vsec, vmeta = codec._encode_values(torch.ones(2), idx, (10,), "float32")
+    for gaps in ([5, 2], [5, 2**64 - 3], [2**63 + 1, 1], [3, 20]):
+        ib, im = codec._pack(np.array(gaps, dtype=np.uint64), allow_raw=False)
+        head = {**h, "value_dtype": "float32", "indices": {**im, "dtype": "uint64"}}
+        blob = codec._assemble({**head, "value_sections": vmeta}, [ib, *vsec])
+        if gaps == [5, 2]:  # the valid blob the others are made like
+            assert decode(blob).indices.tolist() == [5, 7]
+            continue
+        with pytest.raises(CorruptBlob):
+            decode(blob)
+
+
 def test_truncated_and_garbled_blobs_raise_corrupt() -> None:
     blob = encode_sparse(random_delta((30, 30), 0.2, 3), "w")
     for bad in (blob[:3], blob[:-1], blob[:12]):
