@@ -162,6 +162,12 @@ def _copy_ckpt(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
+def _dare(store: DeltaStore, model_id: str, folder: Path, base_dir: Path, **kw):
+    """Ingest ``folder`` with DARE (p = 0.9 unless given), quietly."""
+    kw = {"method": "dare", "p": 0.9, "show_progress": False, **kw}
+    return ingest(store, model_id, folder, base_of(base_dir, store), **kw)
+
+
 def test_shape_mismatch_names_tensor_and_shapes(bert_ft, tiny_bert_dir, store, tmp_path) -> None:
     name = "bert.encoder.layer.0.output.dense.weight"
     bad = _copy_ckpt(bert_ft, tmp_path / "bad", lambda sd: sd.update({name: torch.zeros(64, 100)}))
@@ -215,15 +221,7 @@ def test_bad_values_are_refused_before_any_write(bert_ft, tiny_bert_dir, store, 
 
     bad = _copy_ckpt(bert_ft, tmp_path / "nan", poison)
     with pytest.raises(BadCheckpoint, match=r"classifier\.weight.*NaN"):
-        ingest(
-            store,
-            "nan",
-            bad,
-            base_of(tiny_bert_dir, store),
-            method="dare",
-            p=0.9,
-            show_progress=False,
-        )
+        _dare(store, "nan", bad, tiny_bert_dir)
     assert store.models() == {}
     assert list(store.blobs.iter_keys()) == []
 
@@ -240,9 +238,7 @@ def test_a_float64_head_is_stored_as_float32_and_one_past_its_range_is_refused(
             sd[n] = sd[n].double() + 1e-12  # below float32's resolution
 
     f64 = _copy_ckpt(bert_ft, tmp_path / "f64", to_f64)
-    m = ingest(
-        store, "f64", f64, base_of(tiny_bert_dir, store), method="dare", p=0.9, show_progress=False
-    ).manifest
+    m = _dare(store, "f64", f64, tiny_bert_dir).manifest
     want = load_file(f64 / "model.safetensors")
     for n in ("classifier.weight", "classifier.bias"):
         e = m.extras[n]
@@ -256,15 +252,7 @@ def test_a_float64_head_is_stored_as_float32_and_one_past_its_range_is_refused(
 
     bad = _copy_ckpt(bert_ft, tmp_path / "f64-big", past_range)
     with pytest.raises(BadCheckpoint, match=r"classifier\.weight.*1 value\(s\) past float32"):
-        ingest(
-            store,
-            "big",
-            bad,
-            base_of(tiny_bert_dir, store),
-            method="dare",
-            p=0.9,
-            show_progress=False,
-        )
+        _dare(store, "big", bad, tiny_bert_dir)
     assert set(store.models()) == {"f64"} and set(store.blobs.iter_keys()) == kept
 
 
@@ -275,16 +263,7 @@ def test_the_manifest_names_the_value_dtype_a_blob_holds(
     blob keeps float32 values; the manifest says so, not the float16 that was asked for."""
     name = "bert.encoder.layer.0.output.dense.weight"
     big = _copy_ckpt(bert_ft, tmp_path / "big", lambda sd: sd[name].add_(70.0))
-    m = ingest(
-        store,
-        "big",
-        big,
-        base_of(tiny_bert_dir, store),
-        method="dare",
-        p=0.999,
-        seed=1,
-        show_progress=False,
-    ).manifest
+    m = _dare(store, "big", big, tiny_bert_dir, p=0.999, seed=1).manifest
     entry = m.deltas[name.removeprefix("bert.")]
     assert entry.nnz > 0 and entry.value_dtype == "float32"
     assert store.load_delta(entry).values.dtype == torch.float32
