@@ -276,17 +276,16 @@ def test_a_client_that_leaves_is_not_answered_on_the_encoder_routes(
         real, ran = getattr(st.engine, kind), []
         setattr(st.engine, kind, lambda *a, **kw: (ran.append(a), real(*a, **kw))[1])
         # the worker is busy for 1.5 s: the request is still queued when its client leaves
-        busy = concurrent.futures.ThreadPoolExecutor(1).submit(
-            st.scheduler.call_sync, lambda: time.sleep(1.5)
-        )
-        time.sleep(0.2)
         body = {"model": model, "input": ["a fine film"] * 8}
-        with (
-            httpx.Client(base_url=url, timeout=0.3) as c,
-            pytest.raises(httpx.TimeoutException),
-        ):
-            c.post(route, json=body)
-        busy.result(timeout=30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(st.scheduler.call_sync, lambda: time.sleep(1.5))
+            time.sleep(0.2)
+            with (
+                httpx.Client(base_url=url, timeout=0.3) as c,
+                pytest.raises(httpx.TimeoutException),
+            ):
+                c.post(route, json=body)
+            busy.result(timeout=30)
         with httpx.Client(base_url=url, timeout=30) as c:  # the worker has run everything queued
             assert c.post(route, json={**body, "input": ["next"]}).status_code == 200
         assert ran == [(["next"],)], ran
