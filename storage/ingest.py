@@ -99,20 +99,21 @@ def _full_source(ft: Checkpoint, base: Checkpoint) -> Source:
     def extra(fname: str) -> Callable[[], torch.Tensor]:
         return lambda: storable_extra(ft.get(fname), fname)
 
+    extras = {f: extra(f) for f in plan.extras if ft.meta[f].dtype.is_floating_point}
+
     def check() -> None:
         for fname in plan.pairs.values():
             if ft.meta[fname].dtype.is_floating_point:
                 _check_finite(ft.get(fname), fname)
-        for fname in plan.extras:
-            if ft.meta[fname].dtype.is_floating_point:
-                storable_extra(ft.get(fname), fname)
+        for read in extras.values():
+            read()
 
     task, labels = read_task(ft.config)
     return Source(
         kind="full",
         deltas={b: delta(b, f) for b, f in plan.pairs.items()},
         base_dtypes={b: base.meta[b].dtype for b in plan.pairs},
-        extras={f: extra(f) for f in plan.extras if ft.meta[f].dtype.is_floating_point},
+        extras=extras,
         task=task,
         labels=labels,
         fp16_bytes=2 * sum(m.numel for m in ft.meta.values() if m.dtype.is_floating_point),

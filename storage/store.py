@@ -158,7 +158,6 @@ class DeltaStore:
         key = self.put_manifest(manifest)
         self.bind_if_new({key, *manifest.keys()})
         old = self._registered_key(model_id) if replace else None
-        replaced = self._keys_of(old) if old is not None and old != key else set()
         with self.blobs.locked():
             for k in [key, *sorted(manifest.keys())]:
                 try:
@@ -168,7 +167,7 @@ class DeltaStore:
                         f"model {model_id!r} was not registered: its blob {k} left the store "
                         "before registration (a concurrent `darex gc`?); run the ingest again"
                     ) from e
-            self._touch_quietly(replaced)
+            self._refresh(old if old != key else None)
             self.registry.set_model(model_id, key, replace=replace)
         log.info("registered %s -> %s", model_id, key, extra={"model_id": model_id})
         return key
@@ -291,18 +290,18 @@ class DeltaStore:
         except UnknownModel:
             return None
 
-    def _keys_of(self, manifest_key: str) -> set[str]:
-        """A manifest and the blobs it references (just the manifest if it cannot be read)."""
+    def _refresh(self, manifest_key: str | None) -> None:
+        """Refresh the mtime of a manifest about to leave the registry (None: none) and of
+        its blobs (just the manifest's if it cannot be read). Call it with the blob lock
+        held, before the registry changes: a gc then either still sees it registered or
+        finds it fresh, and its grace period covers a replica still loading it. Best
+        effort."""
+        if manifest_key is None:
+            return
         try:
-            return {manifest_key, *self.manifest_at(manifest_key).keys()}
+            keys = {manifest_key, *self.manifest_at(manifest_key).keys()}
         except (StorageError, KeyError, ValueError, OSError):
-            return {manifest_key}
-
-    def _touch_quietly(self, keys: set[str]) -> None:
-        """Refresh the mtime of a manifest about to leave the registry and of its blobs, with
-        the blob lock held and before the registry changes: a gc then either still sees it
-        registered or finds it fresh, and its grace period covers a replica still loading
-        it. Best effort."""
+            keys = {manifest_key}
         for k in keys:
             with contextlib.suppress(MissingBlob, OSError, ValueError):
                 self.blobs.touch(k)
@@ -349,7 +348,7 @@ class DeltaStore:
         points at this manifest key (False, nothing deleted, otherwise)."""
         old = expected or self._registered_key(model_id)
         with self.blobs.locked():
-            self._touch_quietly(self._keys_of(old) if old is not None else set())
+            self._refresh(old)
             gone = self.registry.delete_model(model_id, expected=expected)
         if gone:
             log.info("deleted %s", model_id, extra={"model_id": model_id})
